@@ -1,0 +1,39 @@
+# Every target does its own set-up: a fresh clone needs only `make demo` or `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+# torch is pinned here (the CPU build on this machine's disk); pyproject only declares a range.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m embedq.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check embedq tests bench
+	$(VENV)/bin/ruff format --check embedq tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format embedq tests bench
+	$(VENV)/bin/ruff check --fix embedq tests bench
+
+test: lint
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/pipeline_vs_raw.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

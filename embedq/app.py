@@ -1,0 +1,63 @@
+"""The Celery application: ``celery -A embedq.app worker -Q cpu``.
+
+Broker and result backend are the same Redis (see :mod:`embedq.broker`); the wire format is
+msgpack with raw float32 vectors (see :mod:`embedq.codec`). Nothing here touches a model
+or CUDA: that happens in the worker process, after it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from embedq import codec
+from embedq.broker import redis_url
+from embedq.settings import get_settings
+
+QUEUES = ("cpu", "gpu")
+
+codec.register_serializer()
+
+app = Celery("embedq", include=["embedq.tasks", "embedq.worker.signals"])
+
+
+def _config() -> dict[str, Any]:
+    settings = get_settings()
+    url = redis_url()
+    # The visibility timeout must outlast the hard time limit, or Redis redelivers
+    # a task that is still running.
+    transport = {"visibility_timeout": settings.task_time_limit_s * 2}
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": codec.SERIALIZER,
+        "result_serializer": codec.SERIALIZER,
+        "accept_content": [codec.SERIALIZER, "json"],
+        "result_accept_content": [codec.SERIALIZER, "json"],
+        "task_queues": [Queue(name) for name in QUEUES],
+        "task_default_queue": settings.default_queue,
+        "task_routes": ("embedq.producer.router.route_task",),
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_soft_time_limit": settings.task_soft_time_limit_s,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_track_started": True,
+        "result_expires": settings.result_expires_s,
+        "result_extended": False,
+        # One thread pool feeds one batcher, which is where cross-task batching happens.
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+# A promise: evaluated on first use of the config, so importing embedq never probes Redis.
+app.add_defaults(_config)

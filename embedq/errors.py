@@ -1,0 +1,43 @@
+"""Every error embedq raises on purpose. Callers see these same classes on ``.get()``.
+
+Each takes one message string, so Celery can rebuild it on the caller's side from the
+JSON-safe form it sends (type name, module, message).
+"""
+
+from __future__ import annotations
+
+
+class EmbedqError(Exception):
+    """Base class of all embedq errors."""
+
+
+class InvalidInputError(EmbedqError, ValueError):
+    """The request itself is malformed: wrong types, bad encoding, inconsistent lengths."""
+
+
+class TooManyTextsError(InvalidInputError):
+    """More texts in one call than ``EMBEDQ_MAX_TEXTS_PER_TASK`` allows."""
+
+
+class UnknownModelError(EmbedqError, LookupError):
+    """The request names a model this worker does not serve."""
+
+
+class ModelLoadError(EmbedqError):
+    """The model could not be loaded from the local files."""
+
+
+class EncoderError(EmbedqError):
+    """Encoding failed for a reason other than the input (even after splitting the batch)."""
+
+
+class StoreError(EmbedqError):
+    """The durable store refused a write or a read."""
+
+
+class BrokerUnavailableError(EmbedqError):
+    """No Redis answers at the configured URL and no embedded one could be started."""
+
+
+class ConfigurationError(EmbedqError):
+    """A setting has a value embedq cannot work with."""

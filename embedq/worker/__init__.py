@@ -1,0 +1,1 @@
+"""Worker side: encoder backends, cache, batcher, and the per-process runtime."""

@@ -1,0 +1,266 @@
+"""Cross-task batching: requests from many tasks -> token-budget batches -> encoder.
+
+Data flow (as in TEI): tasks ``submit`` texts; one thread collects whatever requests are
+waiting, removes duplicates, answers what the cache has, tokenizes the misses once, sorts
+them by length, packs them into batches whose padded cost (longest x count) fits the token
+budget, encodes, fills the cache, and hands each task its rows in its own order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedq.errors import EncoderError
+from embedq.keys import vector_key
+from embedq.worker.cache import Cache, pack_vector, unpack_vector
+from embedq.worker.encoder import Encoder, Tokenized, is_out_of_memory
+
+log = logging.getLogger(__name__)
+
+# A group stops growing at this many texts, which bounds the wait of the first request.
+GROUP_TEXTS_PER_BATCH = 4
+
+
+def pack(lengths: np.ndarray, max_tokens: int, max_items: int) -> list[np.ndarray]:
+    """Split positions into batches, longest first, each with longest x count <= max_tokens.
+
+    Returns arrays of positions into ``lengths``; a text longer than the budget gets a
+    batch of its own.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = max(1, int(lengths[order[start]]))
+        size = max(1, min(max_items, max_tokens // longest, len(order) - start))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+@dataclass
+class Encoded:
+    """Vectors for every position, and the positions that failed with why."""
+
+    vectors: np.ndarray
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class BatcherStats:
+    """Counters since the worker started (read by tests, status and metrics)."""
+
+    requests: int = 0
+    batches: int = 0
+    texts_encoded: int = 0
+    padded_tokens: int = 0
+    largest_batch: int = 0
+    splits: int = 0
+    failed_texts: int = 0
+
+    def record_batch(self, count: int, padded: int) -> None:
+        """Count one encoded batch of ``count`` texts costing ``padded`` tokens."""
+        self.batches += 1
+        self.texts_encoded += count
+        self.padded_tokens += padded
+        self.largest_batch = max(self.largest_batch, count)
+
+
+def encode_all(
+    encoder: Encoder,
+    tok: Tokenized,
+    normalize: bool,
+    max_tokens: int,
+    max_items: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Encoded:
+    """Encode every tokenized text in packed batches, splitting any batch that fails."""
+    out = Encoded(np.zeros((len(tok.ids), encoder.dim), dtype=np.float32))
+    lengths = tok.lengths
+    for positions in pack(lengths, max_tokens, max_items):
+        _encode_split(encoder, tok, lengths, positions, normalize, out, on_batch)
+    return out
+
+
+def _encode_split(
+    encoder: Encoder,
+    tok: Tokenized,
+    lengths: np.ndarray,
+    positions: np.ndarray,
+    normalize: bool,
+    out: Encoded,
+    on_batch: Callable[[int, int], None] | None,
+) -> None:
+    try:
+        out.vectors[positions] = encoder.embed_ids([tok.ids[i] for i in positions], normalize)
+    except Exception as exc:
+        if len(positions) == 1:
+            out.failed[int(positions[0])] = f"{type(exc).__name__}: {exc}"
+            log.error("text at position %d could not be encoded: %r", positions[0], exc)
+            return
+        # Halving isolates both out-of-memory batches and a single poisonous text.
+        kind = "out of memory" if is_out_of_memory(exc) else type(exc).__name__
+        log.warning("batch of %d failed (%s): splitting it in half", len(positions), kind)
+        _free_device_memory()
+        half = len(positions) // 2
+        for part in (positions[:half], positions[half:]):
+            _encode_split(encoder, tok, lengths, part, normalize, out, on_batch)
+        return
+    if on_batch is not None:
+        on_batch(len(positions), int(lengths[positions].max()) * len(positions))
+
+
+def _free_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one request gets back: its vectors and which of its texts were cut."""
+
+    vectors: np.ndarray
+    truncated: tuple[int, ...]
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    normalize: bool
+    future: Future[BatchResult]
+
+
+class Batcher:
+    """Collects requests from concurrent tasks and serves them from one encoding thread."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        cache: Cache,
+        *,
+        wait_s: float,
+        max_batch_size: int,
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.cache = cache
+        self.wait_s = wait_s
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens or encoder.max_batch_tokens
+        self.stats = BatcherStats()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="embedq-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, texts: list[str], normalize: bool) -> Future[BatchResult]:
+        """Queue ``texts`` for encoding; the future resolves to this request's rows."""
+        pending = _Pending(texts, normalize, Future())
+        self._queue.put(pending)
+        return pending.future
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while (group := self._collect()) is not None:
+            self.stats.requests += len(group)
+            for normalize in (True, False):
+                members = [p for p in group if p.normalize is normalize]
+                if members:
+                    self._serve(members, normalize)
+
+    def _collect(self) -> list[_Pending] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        group, count = [first], len(first.texts)
+        deadline = time.monotonic() + self.wait_s
+        while count < self.max_batch_size * GROUP_TEXTS_PER_BATCH:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # stop after serving this group
+                break
+            group.append(item)
+            count += len(item.texts)
+        return group
+
+    def _serve(self, members: list[_Pending], normalize: bool) -> None:
+        try:
+            unique = list(dict.fromkeys(t for p in members for t in p.texts))
+            vectors, truncated, failed = self._embed_unique(unique, normalize)
+            slot = {text: i for i, text in enumerate(unique)}
+            for p in members:
+                rows = np.fromiter((slot[t] for t in p.texts), dtype=np.int64, count=len(p.texts))
+                _resolve(p, vectors, truncated, failed, rows)
+        except Exception as exc:  # the thread must survive anything one group does
+            log.exception("batch group failed")
+            for p in members:
+                if not p.future.done():
+                    p.future.set_exception(EncoderError(f"encoding failed: {exc}"))
+
+    def _embed_unique(
+        self, unique: list[str], normalize: bool
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        keys = [vector_key(self.encoder.model_id, normalize, t) for t in unique]
+        vectors = np.empty((len(unique), self.encoder.dim), dtype=np.float32)
+        truncated = np.zeros(len(unique), dtype=bool)
+        misses = []
+        for i, value in enumerate(self.cache.get_many(keys)):
+            if value is None:
+                misses.append(i)
+            else:
+                vectors[i], truncated[i] = unpack_vector(value)
+        if not misses:
+            return vectors, truncated, {}
+        tok = self.encoder.tokenize([unique[i] for i in misses])
+        enc = encode_all(
+            self.encoder,
+            tok,
+            normalize,
+            self.max_batch_tokens,
+            self.max_batch_size,
+            on_batch=self.stats.record_batch,
+        )
+        vectors[misses], truncated[misses] = enc.vectors, tok.truncated
+        self.stats.failed_texts += len(enc.failed)
+        fills = {
+            keys[i]: pack_vector(enc.vectors[j], bool(tok.truncated[j]))
+            for j, i in enumerate(misses)
+            if j not in enc.failed
+        }
+        self.cache.set_many(fills)
+        return vectors, truncated, {misses[j]: why for j, why in enc.failed.items()}
+
+
+def _resolve(
+    p: _Pending,
+    vectors: np.ndarray,
+    truncated: np.ndarray,
+    failed: dict[int, str],
+    rows: np.ndarray,
+) -> None:
+    bad = [failed[int(r)] for r in rows if int(r) in failed]
+    if bad:
+        p.future.set_exception(
+            EncoderError(f"{len(bad)} of {len(rows)} texts could not be encoded: {bad[0]}")
+        )
+        return
+    p.future.set_result(BatchResult(vectors[rows], tuple(np.flatnonzero(truncated[rows]).tolist())))

@@ -1,0 +1,127 @@
+"""What one worker process holds: encoder, cache, batcher and store, built once, after start."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+
+from embedq.broker import connect
+from embedq.codec import Embeddings
+from embedq.errors import EncoderError, UnknownModelError
+from embedq.keys import content_hash
+from embedq.requests import EmbedRequest
+from embedq.settings import Settings, get_settings
+from embedq.storage import Item, Store, create_store
+from embedq.worker.batcher import Batcher
+from embedq.worker.cache import RedisCache
+from embedq.worker.encoder import Encoder, create_encoder
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The worker-side pipeline: request -> batcher (cache, encoder) -> store."""
+
+    def __init__(self, settings: Settings, encoder: Encoder | None = None) -> None:
+        self.settings = settings
+        self.encoder = encoder or create_encoder(settings)
+        self.cache = RedisCache(connect(), settings.cache_ttl_s, settings.lru_items)
+        self.batcher = Batcher(
+            self.encoder,
+            self.cache,
+            wait_s=settings.batch_wait_ms / 1000,
+            max_batch_size=settings.max_batch_size,
+        )
+        self._store: Store | None = None
+        self._store_lock = threading.Lock()
+
+    @property
+    def store(self) -> Store:
+        """The durable store, opened on first use."""
+        with self._store_lock:
+            if self._store is None:
+                self._store = create_store(self.settings.database_url)
+            return self._store
+
+    def embed(self, request: EmbedRequest) -> Embeddings:
+        """Vectors for ``request`` in input order; stored too when it names a collection."""
+        if not self.encoder.accepts(request.model):
+            raise UnknownModelError(
+                f"model {request.model!r} is not served here; this worker serves "
+                f"{self.encoder.name!r} ({self.encoder.model_id})"
+            )
+        if not request.texts:
+            return Embeddings(np.zeros((0, self.encoder.dim), dtype=np.float32))
+        future = self.batcher.submit(request.texts, request.normalize)
+        try:
+            result = future.result(timeout=self.settings.task_soft_time_limit_s)
+        except FutureTimeout as exc:
+            raise EncoderError("timed out waiting for the encoder") from exc
+        truncated = sorted(set(result.truncated) | set(request.clipped))
+        if truncated:
+            log.warning(
+                "%d of %d texts were truncated to the model's %d tokens (positions %s)",
+                len(truncated),
+                len(request.texts),
+                self.encoder.max_seq_tokens,
+                truncated[:10],
+            )
+        vectors = Embeddings(result.vectors, truncated)
+        if request.collection:
+            self.save(request, vectors)
+        return vectors
+
+    def save(self, request: EmbedRequest, vectors: Embeddings) -> int:
+        """Upsert the request's items; ids default to the content hash of each text."""
+        assert request.collection is not None
+        hashes = [content_hash(t) for t in request.texts]
+        ids = request.ids or hashes
+        metadata = request.metadata or [{}] * len(ids)
+        cut = set(vectors.truncated)
+        # Repeated texts without ids share one content-hash id: keep the last occurrence.
+        latest = {item_id: i for i, item_id in enumerate(ids)}
+        items = [
+            Item(
+                collection=request.collection,
+                id=item_id,
+                text=request.texts[i],
+                vector=np.asarray(vectors[i]),
+                model=self.encoder.model_id,
+                content_hash=hashes[i],
+                metadata=metadata[i],
+                truncated=i in cut,
+            )
+            for item_id, i in latest.items()
+        ]
+        return self.store.upsert(items)
+
+    def close(self) -> None:
+        """Drain the batcher and close the store."""
+        self.batcher.close()
+        if self._store is not None:
+            self._store.close()
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, built on first call (the model loads here, never per task)."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime(get_settings())
+        return _runtime
+
+
+def close_runtime() -> None:
+    """Close this process's runtime, if one was built."""
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            _runtime.close()
+            _runtime = None

@@ -1,0 +1,109 @@
+"""PyTorch backend of :class:`~embedq.worker.encoder.Encoder` (sentence-transformers model)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from embedq.errors import ConfigurationError, ModelLoadError
+from embedq.settings import Settings
+from embedq.worker.encoder import (
+    Encoder,
+    Tokenized,
+    fingerprint,
+    memory_cap_bytes,
+    resolve_model_path,
+)
+
+try:
+    import torch
+    from sentence_transformers import SentenceTransformer
+except ImportError as exc:  # pragma: no cover - both are core dependencies
+    raise ImportError("the torch encoder needs: pip install torch sentence-transformers") from exc
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(wanted: str) -> str:
+    """``auto`` means cuda, then mps, then cpu; anything else is checked, not trusted."""
+    if wanted == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigurationError("EMBEDQ_DEVICE=cuda but no CUDA device is visible")
+    if wanted not in ("cpu", "mps") and not wanted.startswith("cuda"):
+        raise ConfigurationError(f"EMBEDQ_DEVICE={wanted!r}: use auto, cpu, cuda[:N] or mps")
+    return wanted
+
+
+def pad(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad id lists into (input_ids, attention_mask) int64 arrays."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    mask = np.arange(int(lengths.max())) < lengths[:, None]
+    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    input_ids[mask] = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=mask.sum())
+    return input_ids, mask.astype(np.int64)
+
+
+class TorchEncoder(Encoder):
+    """A sentence-transformers model run by PyTorch on cuda, mps or cpu."""
+
+    def __init__(self, settings: Settings) -> None:
+        path = resolve_model_path(settings.model)
+        self.name = settings.model
+        self.device = pick_device(settings.device)
+        try:
+            self.model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load model from {path}: {exc}") from exc
+        self.model.eval()
+        self.tokenizer = self.model.tokenizer
+        self.max_seq_tokens = int(self.model.max_seq_length)
+        self.dim = int(self.model.get_embedding_dimension())
+        self.model_id = f"{path.name}@{fingerprint(path)}"
+        self.memory_cap = memory_cap_bytes(settings, self.device)
+        self.batch_tokens_setting = settings.max_batch_tokens
+        self._config = self.model[0].auto_model.config
+        log.info("Loaded %s on %s (dim %d)", self.model_id, self.device, self.dim)
+
+    def tokenize(self, texts: list[str]) -> Tokenized:
+        """Fast-tokenizer ids cut to max tokens; overflow tells which texts were cut."""
+        if not texts:
+            return Tokenized([], np.zeros(0, dtype=bool))
+        enc = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_seq_tokens,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        truncated = np.fromiter(
+            (len(e.overflowing) > 0 for e in enc.encodings), dtype=bool, count=len(texts)
+        )
+        return Tokenized(list(enc["input_ids"]), truncated)
+
+    def embed_ids(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
+        """One forward pass over a padded batch."""
+        input_ids, mask = pad(ids, self.tokenizer.pad_token_id or 0)
+        features = {
+            "input_ids": torch.from_numpy(input_ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
+        with torch.inference_mode():
+            out = self.model(features)["sentence_embedding"].float()
+            if normalize:
+                out = torch.nn.functional.normalize(out, p=2, dim=-1)
+        return out.cpu().numpy()
+
+    def bytes_per_token(self, seq_len: int) -> int:
+        """Activations of one layer (the peak: layers run one after another), times two."""
+        cfg = self._config
+        elem = 2 if next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16) else 4
+        floats = (
+            2 * cfg.intermediate_size + 4 * cfg.hidden_size + 2 * cfg.num_attention_heads * seq_len
+        )
+        return 2 * elem * floats
