@@ -33,7 +33,8 @@ test: lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/pipeline_vs_raw.py
+	$(PY) bench/pipeline_vs_raw.py --data pydoc --repeats 3
+	$(PY) bench/search_index.py --n 100000 --queries 2000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -56,6 +56,12 @@ def _config() -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "embedq-rebuild-index": {
+                "task": "embedq.rebuild_index",
+                "schedule": float(settings.index_rebuild_s),
+            }
+        },
     }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import typer
@@ -52,6 +54,131 @@ def embed(
         shown = vector.tolist() if full else [round(float(x), 4) for x in vector[:8]]
         line = {"index": i, "dim": int(vector.shape[0]), "truncated": i in vectors.truncated}
         print(json.dumps(line | {"vector": shown}))
+
+
+@cli.command()
+def ingest(
+    path: Path = typer.Argument(
+        ..., help="JSONL, CSV or text file (one document a line); - for stdin."
+    ),
+    collection: str = typer.Option(..., envvar="EMBEDQ_COLLECTION"),
+    fmt: str = typer.Option(
+        "auto", "--format", envvar="EMBEDQ_INGEST_FORMAT", help="auto, jsonl, csv, text"
+    ),
+    id_field: str = typer.Option("id", envvar="EMBEDQ_ID_FIELD"),
+    text_field: str = typer.Option("text", envvar="EMBEDQ_TEXT_FIELD"),
+    chunk_size: int = typer.Option(64, envvar="EMBEDQ_CHUNK_SIZE", help="Texts per task."),
+    max_in_flight: int = typer.Option(
+        16, envvar="EMBEDQ_MAX_IN_FLIGHT", help="Tasks queued at once."
+    ),
+    chunk_tokens: int | None = typer.Option(
+        None, envvar="EMBEDQ_CHUNK_TOKENS", help="Split long texts."
+    ),
+    overlap: int = typer.Option(
+        0, envvar="EMBEDQ_OVERLAP", help="Tokens shared by neighbouring chunks."
+    ),
+    queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE"),
+    quiet: bool = typer.Option(False, "--quiet", envvar="EMBEDQ_QUIET"),
+    as_json: bool = typer.Option(
+        False, "--json", envvar="EMBEDQ_JSON", help="Print the summary as JSON."
+    ),
+) -> None:
+    """Embed and store every document of PATH; a rerun skips what is already stored."""
+    from embedq.producer.ingest import ingest as run_ingest
+    from embedq.producer.progress import ingest_progress
+    from embedq.producer.reader import count_records, read_documents
+
+    records = read_documents(path, fmt, id_field, text_field)
+    with ingest_progress(count_records(path), enabled=not (quiet or as_json)) as on_progress:
+        summary = run_ingest(
+            records,
+            collection,
+            chunk_size=chunk_size,
+            max_in_flight=max_in_flight,
+            queue=queue,
+            chunk_tokens=chunk_tokens,
+            overlap=overlap,
+            on_progress=on_progress,
+        )
+    report = summary.as_dict()
+    if as_json:
+        print(json.dumps(report))
+    elif not quiet:
+        failures = "".join(f"\n  {f['where']}: {f['reason']}" for f in summary.failures)
+        print(
+            f"read {summary.read}, stored {summary.stored} (embedded {summary.embedded}, "
+            f"cached {summary.cached}), skipped {summary.skipped} already stored, "
+            f"truncated {summary.truncated}, failed {summary.failed}, "
+            f"{summary.wall_s:.1f}s{' (interrupted)' if summary.interrupted else ''}{failures}"
+        )
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+@cli.command()
+def search(
+    text: str = typer.Argument(..., help="What to look for."),
+    collection: str = typer.Option(..., envvar="EMBEDQ_COLLECTION"),
+    k: int = typer.Option(5, "-k", envvar="EMBEDQ_K"),
+    where: list[str] = typer.Option([], help="Metadata filter key=value (value parsed as JSON)."),
+    parents: bool = typer.Option(False, "--parents", help="One hit per document, not per chunk."),
+    as_json: bool = typer.Option(False, "--json", envvar="EMBEDQ_JSON"),
+) -> None:
+    """Print the K items of COLLECTION nearest to TEXT."""
+    from embedq.search import search as run_search
+
+    hits = run_search(text, collection, k=k, where=_where(where), parents=parents)
+    for rank, hit in enumerate(hits, 1):
+        if as_json:
+            print(json.dumps(asdict(hit)))
+        else:
+            print(f"{rank}. {hit.score:.4f}  {hit.id}  {hit.text[:100]!r}")
+
+
+def _where(pairs: list[str]) -> dict[str, object] | None:
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--where takes key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out or None
+
+
+@cli.command()
+def delete(
+    collection: str = typer.Option(..., envvar="EMBEDQ_COLLECTION"),
+    ids: list[str] = typer.Option(..., "--id", help="Id to delete (repeat the flag)."),
+) -> None:
+    """Delete items from the store (searches stop returning them at once)."""
+    from embedq.settings import get_settings
+    from embedq.storage import create_store
+
+    removed = create_store(get_settings().database_url).delete(collection, ids)
+    print(f"deleted {removed} of {len(ids)}")
+
+
+index_cli = typer.Typer(help="The HNSW indexes.", no_args_is_help=True)
+cli.add_typer(index_cli, name="index")
+
+
+@index_cli.command("rebuild")
+def index_rebuild(
+    collection: str | None = typer.Option(None, envvar="EMBEDQ_COLLECTION"),
+) -> None:
+    """Rebuild now, in this process, the indexes of collections that changed."""
+    from embedq.indexes import rebuild_changed
+    from embedq.settings import get_settings
+    from embedq.storage import create_store
+
+    settings = get_settings()
+    report = rebuild_changed(
+        create_store(settings.database_url), settings.data_dir, only=collection
+    )
+    print(json.dumps(report, indent=2))
 
 
 @cli.command()

@@ -41,3 +41,11 @@ class BrokerUnavailableError(EmbedqError):
 
 class ConfigurationError(EmbedqError):
     """A setting has a value embedq cannot work with."""
+
+
+class IndexQualityError(EmbedqError):
+    """A freshly built index missed the recall target; the previous index stays in use."""
+
+
+class UnknownCollectionError(EmbedqError, LookupError):
+    """The named collection holds no items."""

@@ -25,6 +25,9 @@ class EmbedRequest:
     collection: str | None = None
     ids: list[str] | None = None
     metadata: list[dict[str, Any]] | None = None
+    # Chunks of long documents: the document's id and the chunk's position in it.
+    parents: list[str] | None = None
+    positions: list[int] | None = None
     # Positions whose text was cut to ``max_text_chars`` before tokenizing.
     clipped: tuple[int, ...] = ()
 
@@ -133,5 +136,43 @@ def parse_embed_request(
         collection=name,
         ids=parse_ids(ids, len(parsed)),
         metadata=parse_metadata(metadata, len(parsed)),
+        clipped=clipped,
+    )
+
+
+def parse_documents(
+    collection: Any, documents: Any, model: Any = None, settings: Settings | None = None
+) -> EmbedRequest:
+    """Validate an ingestion chunk: dicts with ``id``, ``text``, optional ``metadata``,
+    ``parent`` and ``chunk``. A repeated id keeps its last document (as a rerun would)."""
+    settings = settings or get_settings()
+    name = parse_collection(collection)
+    if name is None:
+        raise InvalidInputError("ingestion needs a collection")
+    if not isinstance(documents, list | tuple):
+        raise InvalidInputError(
+            f"documents must be a list of dicts, got {type(documents).__name__}"
+        )
+    latest: dict[str, dict[str, Any]] = {}
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, dict):
+            raise InvalidInputError(f"documents[{i}] is {type(doc).__name__}; expected dict")
+        latest[str(doc.get("id"))] = doc
+    docs = list(latest.values())
+    texts, clipped = parse_texts([d.get("text") for d in docs], settings)
+    parents = [d.get("parent") for d in docs]
+    positions = [d.get("chunk") for d in docs]
+    if any(p is not None and not isinstance(p, str) for p in parents) or any(
+        c is not None and (isinstance(c, bool) or not isinstance(c, int)) for c in positions
+    ):
+        raise InvalidInputError("parent must be a string and chunk an integer")
+    return EmbedRequest(
+        texts=texts,
+        model=model if isinstance(model, str) else None,
+        collection=name,
+        ids=parse_ids([d.get("id") for d in docs], len(docs)),
+        metadata=parse_metadata([d.get("metadata") or {} for d in docs], len(docs)),
+        parents=parents if any(p is not None for p in parents) else None,
+        positions=positions if any(c is not None for c in positions) else None,
         clipped=clipped,
     )

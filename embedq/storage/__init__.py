@@ -13,6 +13,30 @@ import numpy as np
 from embedq.errors import ConfigurationError
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Vectors of one collection at one moment, labelled by their row keys."""
+
+    pks: np.ndarray
+    vectors: np.ndarray
+    taken_at: datetime
+
+
+@dataclass(frozen=True)
+class CollectionState:
+    """What changes when a collection changes: item count and latest update."""
+
+    collection: str
+    count: int
+    updated_at: datetime | None
+
+    @property
+    def token(self) -> str:
+        """A string that differs whenever the collection's contents may differ."""
+        stamp = self.updated_at.isoformat() if self.updated_at else "-"
+        return f"{self.count}:{stamp}"
+
+
 @dataclass
 class Item:
     """One stored embedding. ``id`` is the caller's id, unique within a collection."""
@@ -25,6 +49,9 @@ class Item:
     content_hash: str
     metadata: dict[str, Any] = field(default_factory=dict)
     truncated: bool = False
+    parent_id: str | None = None
+    chunk_index: int | None = None
+    pk: int | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -47,6 +74,42 @@ class Store(ABC):
     @abstractmethod
     def delete(self, collection: str, ids: Sequence[str]) -> int:
         """Remove ``ids``; returns how many existed."""
+
+    @abstractmethod
+    def hashes(self, collection: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """(content hash, model) of each stored id among ``ids``."""
+
+    @abstractmethod
+    def delete_chunks(self, collection: str, parent_id: str, keep_below: int) -> int:
+        """Remove chunks of ``parent_id`` at positions >= ``keep_below``."""
+
+    @abstractmethod
+    def by_pk(self, pks: Sequence[int]) -> list[Item]:
+        """Items by row key (absent keys are left out)."""
+
+    @abstractmethod
+    def snapshot(self, collection: str, since: datetime | None = None) -> Snapshot:
+        """All vectors of ``collection`` (only those updated after ``since``, if given)."""
+
+    @abstractmethod
+    def filter_pks(self, collection: str, where: dict[str, Any]) -> np.ndarray:
+        """Row keys whose metadata equals every key/value of ``where``."""
+
+    @abstractmethod
+    def states(self) -> list[CollectionState]:
+        """Count and latest update of every collection."""
+
+    @abstractmethod
+    def put_blob(self, name: str, data: bytes, meta: dict[str, Any]) -> int:
+        """Publish ``data`` under ``name`` as a new version; returns the version."""
+
+    @abstractmethod
+    def blob_version(self, name: str) -> tuple[int, dict[str, Any]] | None:
+        """Latest version of ``name`` and its metadata, or None."""
+
+    @abstractmethod
+    def get_blob(self, name: str, version: int) -> bytes:
+        """The bytes of one published version."""
 
     @abstractmethod
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Engine,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -23,14 +25,17 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
+    literal,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from embedq.errors import ConfigurationError, StoreError
-from embedq.storage import Item, Store
+from embedq.storage import CollectionState, Item, Snapshot, Store
 
 # SQLite allows 32,766 bound parameters per statement; 12 columns x 1,000 rows stays under.
 ROWS_PER_STATEMENT = 1000
@@ -45,7 +50,11 @@ class ItemRow(Base):
     """One stored embedding."""
 
     __tablename__ = "embedq_items"
-    __table_args__ = (UniqueConstraint("collection", "external_id", name="uq_embedq_item"),)
+    __table_args__ = (
+        UniqueConstraint("collection", "external_id", name="uq_embedq_item"),
+        Index("ix_embedq_item_updated", "collection", "updated_at"),
+        Index("ix_embedq_item_parent", "collection", "parent_id"),
+    )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     collection: Mapped[str] = mapped_column(String(128), index=True)
@@ -59,6 +68,8 @@ class ItemRow(Base):
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    parent_id: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    chunk_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -73,6 +84,32 @@ _UPDATED_COLUMNS = (
     "truncated",
     "updated_at",
 )
+
+
+class BlobVersion(Base):
+    """Latest published version of a named blob (a built index)."""
+
+    __tablename__ = "embedq_blob_versions"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BlobPart(Base):
+    """One part of one version of a blob (parts keep each row well under any limit)."""
+
+    __tablename__ = "embedq_blob_parts"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    part: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+BLOB_PART_BYTES = 8 * 2**20
+BLOB_VERSIONS_KEPT = 2
 
 
 def normalize_url(url: str) -> str:
@@ -125,6 +162,8 @@ def _row(item: Item, now: datetime) -> dict[str, Any]:
         "dim": int(vector.shape[-1]),
         "vector": vector.tobytes(),
         "truncated": item.truncated,
+        "parent_id": item.parent_id,
+        "chunk_index": item.chunk_index,
         "created_at": now,
         "updated_at": now,
     }
@@ -140,6 +179,9 @@ def _item(row: ItemRow) -> Item:
         content_hash=row.content_hash,
         metadata=row.meta or {},
         truncated=row.truncated,
+        parent_id=row.parent_id,
+        chunk_index=row.chunk_index,
+        pk=row.pk,
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -157,10 +199,27 @@ class SQLStore(Store):
     def _create_tables(self) -> None:
         with self._create_lock:
             try:
-                Base.metadata.create_all(self.engine)
+                self._migrate()
             except SQLAlchemyError:
-                # Another worker created them at the same moment; a second pass sees them.
-                Base.metadata.create_all(self.engine)
+                # Another worker migrated at the same moment; a second pass sees its work.
+                self._migrate()
+
+    def _migrate(self) -> None:
+        """Create missing tables, then add columns and indexes that newer versions define
+        (additive only: nullable columns, so old rows stay valid)."""
+        Base.metadata.create_all(self.engine)
+        inspector = inspect(self.engine)
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    with self.engine.begin() as conn:
+                        conn.execute(
+                            text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+                        )
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
 
     def _insert(self) -> Any:
         module = postgresql if self.dialect == "postgresql" else sqlite
@@ -183,7 +242,7 @@ class SQLStore(Store):
                 for chunk in _chunks(rows):
                     conn.execute(stmt, chunk)
         except SQLAlchemyError as exc:
-            raise StoreError(f"could not write {len(rows)} items: {exc}") from exc
+            raise StoreError(f"could not write {len(rows)} items: {brief(exc)}") from exc
         return len(rows)
 
     def get(self, collection: str, ids: Sequence[str]) -> list[Item]:
@@ -208,6 +267,124 @@ class SQLStore(Store):
         with self.engine.begin() as conn:
             return int(conn.execute(query).rowcount)
 
+    def hashes(self, collection: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """(content hash, model) of the stored ids among ``ids``."""
+        query = select(ItemRow.external_id, ItemRow.content_hash, ItemRow.model).where(
+            ItemRow.collection == collection, ItemRow.external_id.in_(list(ids))
+        )
+        with self.engine.connect() as conn:
+            return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
+
+    def delete_chunks(self, collection: str, parent_id: str, keep_below: int) -> int:
+        """Remove the chunks of ``parent_id`` that a shorter new text no longer has."""
+        query = delete(ItemRow).where(
+            ItemRow.collection == collection,
+            ItemRow.parent_id == parent_id,
+            ItemRow.chunk_index >= keep_below,
+        )
+        with self.engine.begin() as conn:
+            return int(conn.execute(query).rowcount)
+
+    def by_pk(self, pks: Sequence[int]) -> list[Item]:
+        """Items by row key."""
+        if not len(pks):
+            return []
+        query = select(ItemRow).where(ItemRow.pk.in_([int(p) for p in pks]))
+        with Session(self.engine) as session:
+            return [_item(row) for row in session.scalars(query)]
+
+    def snapshot(self, collection: str, since: datetime | None = None) -> Snapshot:
+        """Row keys and vectors of ``collection``, read in one transaction."""
+        taken_at = datetime.now(UTC)
+        query = select(ItemRow.pk, ItemRow.vector).where(ItemRow.collection == collection)
+        if since is not None:
+            query = query.where(ItemRow.updated_at > since)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(ItemRow.pk)).all()
+        pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        blob = b"".join(r[1] for r in rows)
+        vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), -1) if rows else None
+        return Snapshot(
+            pks, vectors if vectors is not None else np.zeros((0, 0), np.float32), taken_at
+        )
+
+    def filter_pks(self, collection: str, where: dict[str, Any]) -> np.ndarray:
+        """Row keys whose metadata has each key equal to the given value (JSON equality)."""
+        query = select(ItemRow.pk).where(ItemRow.collection == collection)
+        for key, value in where.items():
+            query = query.where(self._json_equals(key, value))
+        with self.engine.connect() as conn:
+            return np.fromiter(conn.execute(query).scalars(), dtype=np.int64)
+
+    def _json_equals(self, key: str, value: Any) -> Any:
+        column = ItemRow.__table__.c.metadata
+        if self.dialect == "postgresql":
+            return column.op("@>")(literal({key: value}, type_=postgresql.JSONB))
+        # SQLite: json_extract gives SQL values; compare JSON text for non-scalars.
+        if isinstance(value, dict | list):
+            return func.json_extract(column, f'$."{key}"') == json.dumps(value)
+        if isinstance(value, bool):
+            return func.json_type(column, f'$."{key}"') == ("true" if value else "false")
+        return func.json_extract(column, f'$."{key}"') == value
+
+    def states(self) -> list[CollectionState]:
+        """Count and latest update per collection."""
+        query = select(ItemRow.collection, func.count(), func.max(ItemRow.updated_at)).group_by(
+            ItemRow.collection
+        )
+        with self.engine.connect() as conn:
+            return [CollectionState(c, int(n), _aware(t)) for c, n, t in conn.execute(query)]
+
+    def put_blob(self, name: str, data: bytes, meta: dict[str, Any]) -> int:
+        """Write a new version in parts, then point the version row at it, in one transaction."""
+        with Session(self.engine) as session, session.begin():
+            current = session.get(BlobVersion, name, with_for_update=True)
+            version = (current.version if current else 0) + 1
+            for part, start in enumerate(range(0, max(len(data), 1), BLOB_PART_BYTES)):
+                chunk = data[start : start + BLOB_PART_BYTES]
+                session.add(BlobPart(name=name, version=version, part=part, data=chunk))
+            session.merge(
+                BlobVersion(name=name, version=version, meta=meta, created_at=datetime.now(UTC))
+            )
+            session.execute(
+                delete(BlobPart).where(
+                    BlobPart.name == name, BlobPart.version <= version - BLOB_VERSIONS_KEPT
+                )
+            )
+        return version
+
+    def blob_version(self, name: str) -> tuple[int, dict[str, Any]] | None:
+        """Latest version of ``name`` and its metadata."""
+        with Session(self.engine) as session:
+            row = session.get(BlobVersion, name)
+            return (row.version, dict(row.meta)) if row else None
+
+    def get_blob(self, name: str, version: int) -> bytes:
+        """All parts of one version, joined."""
+        query = (
+            select(BlobPart.data)
+            .where(BlobPart.name == name, BlobPart.version == version)
+            .order_by(BlobPart.part)
+        )
+        with self.engine.connect() as conn:
+            parts = list(conn.execute(query).scalars())
+        if not parts:
+            raise StoreError(f"blob {name!r} version {version} is not stored (replaced since?)")
+        return b"".join(parts)
+
     def close(self) -> None:
         """Dispose of the connection pool."""
         self.engine.dispose()
+
+
+def brief(exc: SQLAlchemyError) -> str:
+    """The driver's one-line reason, without the SQL and its parameters (document text)."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {reason[0] if reason else ''}"
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes for what was written as UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value

@@ -15,10 +15,12 @@ from embedq.worker.runtime import get_runtime
 
 def redact(args: Any, kwargs: dict[str, Any] | None) -> tuple[str, str]:
     """Task args as shown in logs, events and Flower: counts, never document text."""
-    texts = args[0] if args else (kwargs or {}).get("texts")
-    count = len(texts) if isinstance(texts, list | tuple) else "?"
+    items = [a for a in (args or ()) if isinstance(a, list | tuple)]
+    items += [v for k, v in (kwargs or {}).items() if k in ("texts", "documents")]
+    count = len(items[0]) if items else "?"
+    named = [a for a in (args or ()) if isinstance(a, str)]
     shown = {k: v for k, v in (kwargs or {}).items() if k in ("model", "normalize", "collection")}
-    return f"(<{count} texts>)", repr(shown)
+    return f"({', '.join(map(repr, [*named, f'<{count} items>']))})", repr(shown)
 
 
 class EmbedTask(Task):

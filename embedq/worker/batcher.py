@@ -134,6 +134,7 @@ class BatchResult:
 
     vectors: np.ndarray
     truncated: tuple[int, ...]
+    cache_hits: int = 0
 
 
 @dataclass
@@ -205,11 +206,11 @@ class Batcher:
     def _serve(self, members: list[_Pending], normalize: bool) -> None:
         try:
             unique = list(dict.fromkeys(t for p in members for t in p.texts))
-            vectors, truncated, failed = self._embed_unique(unique, normalize)
+            vectors, truncated, hits, failed = self._embed_unique(unique, normalize)
             slot = {text: i for i, text in enumerate(unique)}
             for p in members:
                 rows = np.fromiter((slot[t] for t in p.texts), dtype=np.int64, count=len(p.texts))
-                _resolve(p, vectors, truncated, failed, rows)
+                _resolve(p, vectors, truncated, failed, rows, int(hits[rows].sum()))
         except Exception as exc:  # the thread must survive anything one group does
             log.exception("batch group failed")
             for p in members:
@@ -218,7 +219,7 @@ class Batcher:
 
     def _embed_unique(
         self, unique: list[str], normalize: bool
-    ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
         keys = [vector_key(self.encoder.model_id, normalize, t) for t in unique]
         vectors = np.empty((len(unique), self.encoder.dim), dtype=np.float32)
         truncated = np.zeros(len(unique), dtype=bool)
@@ -228,8 +229,10 @@ class Batcher:
                 misses.append(i)
             else:
                 vectors[i], truncated[i] = unpack_vector(value)
+        hits = np.ones(len(unique), dtype=bool)
+        hits[misses] = False
         if not misses:
-            return vectors, truncated, {}
+            return vectors, truncated, hits, {}
         tok = self.encoder.tokenize([unique[i] for i in misses])
         enc = encode_all(
             self.encoder,
@@ -247,7 +250,7 @@ class Batcher:
             if j not in enc.failed
         }
         self.cache.set_many(fills)
-        return vectors, truncated, {misses[j]: why for j, why in enc.failed.items()}
+        return vectors, truncated, hits, {misses[j]: why for j, why in enc.failed.items()}
 
 
 def _resolve(
@@ -256,6 +259,7 @@ def _resolve(
     truncated: np.ndarray,
     failed: dict[int, str],
     rows: np.ndarray,
+    cache_hits: int,
 ) -> None:
     bad = [failed[int(r)] for r in rows if int(r) in failed]
     if bad:
@@ -263,4 +267,5 @@ def _resolve(
             EncoderError(f"{len(bad)} of {len(rows)} texts could not be encoded: {bad[0]}")
         )
         return
-    p.future.set_result(BatchResult(vectors[rows], tuple(np.flatnonzero(truncated[rows]).tolist())))
+    cut = tuple(np.flatnonzero(truncated[rows]).tolist())
+    p.future.set_result(BatchResult(vectors[rows], cut, cache_hits))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +55,15 @@ class Runtime:
                 f"model {request.model!r} is not served here; this worker serves "
                 f"{self.encoder.name!r} ({self.encoder.model_id})"
             )
+        vectors, _ = self._encode(request)
+        if request.collection:
+            self.save(request, vectors)
+        return vectors
+
+    def _encode(self, request: EmbedRequest) -> tuple[Embeddings, int]:
+        """Vectors (and how many came from the cache) through the batcher."""
         if not request.texts:
-            return Embeddings(np.zeros((0, self.encoder.dim), dtype=np.float32))
+            return Embeddings(np.zeros((0, self.encoder.dim), dtype=np.float32)), 0
         future = self.batcher.submit(request.texts, request.normalize)
         try:
             result = future.result(timeout=self.settings.task_soft_time_limit_s)
@@ -62,17 +71,43 @@ class Runtime:
             raise EncoderError("timed out waiting for the encoder") from exc
         truncated = sorted(set(result.truncated) | set(request.clipped))
         if truncated:
-            log.warning(
+            log.info(
                 "%d of %d texts were truncated to the model's %d tokens (positions %s)",
                 len(truncated),
                 len(request.texts),
                 self.encoder.max_seq_tokens,
                 truncated[:10],
             )
-        vectors = Embeddings(result.vectors, truncated)
-        if request.collection:
-            self.save(request, vectors)
-        return vectors
+        return Embeddings(result.vectors, truncated), result.cache_hits
+
+    def ingest(self, request: EmbedRequest, chunks: dict[str, int]) -> dict[str, int]:
+        """Store documents, skipping those stored with the same content hash and model.
+
+        ``chunks`` maps a parent id to its number of chunks: stale chunks past it go.
+        Returns counts only (never vectors).
+        """
+        assert request.collection is not None and request.ids is not None
+        stored = self.store.hashes(request.collection, request.ids)
+        model_id = self.encoder.model_id
+        todo = [
+            i
+            for i, (doc_id, text) in enumerate(zip(request.ids, request.texts, strict=True))
+            if stored.get(doc_id) != (content_hash(text), model_id)
+        ]
+        subset = _subset(request, todo)
+        vectors, cache_hits = self._encode(subset)
+        if todo:
+            self.save(subset, vectors)
+        for parent, count in chunks.items():
+            self.store.delete_chunks(request.collection, parent, count)
+        return {
+            "received": len(request.texts),
+            "skipped": len(request.texts) - len(todo),
+            "embedded": len(todo) - cache_hits,
+            "cached": cache_hits,
+            "stored": len(todo),
+            "truncated": len(vectors.truncated),
+        }
 
     def save(self, request: EmbedRequest, vectors: Embeddings) -> int:
         """Upsert the request's items; ids default to the content hash of each text."""
@@ -93,6 +128,8 @@ class Runtime:
                 content_hash=hashes[i],
                 metadata=metadata[i],
                 truncated=i in cut,
+                parent_id=request.parents[i] if request.parents else None,
+                chunk_index=request.positions[i] if request.positions else None,
             )
             for item_id, i in latest.items()
         ]
@@ -103,6 +140,22 @@ class Runtime:
         self.batcher.close()
         if self._store is not None:
             self._store.close()
+
+
+def _subset(request: EmbedRequest, keep: list[int]) -> EmbedRequest:
+    def pick(values: list[Any] | None) -> list[Any] | None:
+        return None if values is None else [values[i] for i in keep]
+
+    position = {old: new for new, old in enumerate(keep)}
+    return replace(
+        request,
+        texts=[request.texts[i] for i in keep],
+        ids=pick(request.ids),
+        metadata=pick(request.metadata),
+        parents=pick(request.parents),
+        positions=pick(request.positions),
+        clipped=tuple(position[i] for i in request.clipped if i in position),
+    )
 
 
 _lock = threading.Lock()

@@ -11,6 +11,7 @@ from embedq.settings import Settings
 from embedq.worker.encoder import (
     Encoder,
     Tokenized,
+    batch_tokens_for,
     fingerprint,
     memory_cap_bytes,
     resolve_model_path,
@@ -66,7 +67,7 @@ class TorchEncoder(Encoder):
         self.dim = int(self.model.get_embedding_dimension())
         self.model_id = f"{path.name}@{fingerprint(path)}"
         self.memory_cap = memory_cap_bytes(settings, self.device)
-        self.batch_tokens_setting = settings.max_batch_tokens
+        self.batch_tokens_setting = batch_tokens_for(settings, self.device)
         self._config = self.model[0].auto_model.config
         log.info("Loaded %s on %s (dim %d)", self.model_id, self.device, self.dim)
 

@@ -1,0 +1,171 @@
+"""Building, publishing and loading the per-collection HNSW indexes.
+
+A build reads a snapshot of the store, indexes it into a temp file, checks recall@10 against
+exact search on a sample, publishes the file to the store as a new version, and swaps it in
+locally (``os.replace`` after ``fsync``). Any host with the same store loads the latest
+version. Items written since the snapshot are searched exactly, as a small delta.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from embedq.errors import IndexQualityError
+from embedq.storage import Store
+from embedq.storage.index import Index, create_index, recall_at_k
+
+log = logging.getLogger(__name__)
+
+INDEX_KIND = "hnsw"
+RECALL_TARGET = 0.98
+RECALL_SAMPLE = 200
+EF_STEPS = (64, 128, 256, 512)
+# Rows whose write began before a snapshot may commit after it: the delta looks back this far.
+DELTA_MARGIN = timedelta(minutes=5)
+
+
+def blob_name(collection: str) -> str:
+    """Store key under which a collection's index is published."""
+    return f"index:{INDEX_KIND}:{collection}"
+
+
+def _safe(collection: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", collection)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temp file, fsync, then os.replace: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class LoadedIndex:
+    """An index in memory, with what it covers."""
+
+    collection: str
+    version: int
+    index: Index
+    built_at: datetime
+    checked_at: float = field(default_factory=time.monotonic)
+
+
+def build_index(store: Store, collection: str, data_dir: Path) -> tuple[int, dict[str, Any]]:
+    """Build, check and publish the index of ``collection``; returns (version, metadata)."""
+    state = next((s for s in store.states() if s.collection == collection), None)
+    snap = store.snapshot(collection)
+    started = time.perf_counter()
+    dim = snap.vectors.shape[1] if len(snap.pks) else 1
+    index = create_index(INDEX_KIND, dim)
+    index.build(snap.pks, snap.vectors)
+    recall = _tune_ef(index, snap.vectors, snap.pks)
+    tmp = data_dir / "index" / f".build-{_safe(collection)}-{os.getpid()}.bin"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    index.save(tmp)
+    data = tmp.read_bytes()
+    tmp.unlink()
+    meta = {
+        "state": state.token if state else "0:-",
+        "built_at": snap.taken_at.isoformat(),
+        "count": len(snap.pks),
+        "dim": dim,
+        "ef": getattr(index, "ef", None),
+        "recall_at_10": round(recall, 4),
+        "build_s": round(time.perf_counter() - started, 3),
+    }
+    version = store.put_blob(blob_name(collection), data, meta)
+    write_atomically(data_dir / "index" / f"{_safe(collection)}.{version}.{INDEX_KIND}", data)
+    log.info("index %s v%d: %s", collection, version, meta)
+    return version, meta
+
+
+def _tune_ef(index: Index, vectors: Any, labels: Any) -> float:
+    recall = 0.0
+    for ef in EF_STEPS:
+        index.ef = ef  # type: ignore[attr-defined]
+        recall = recall_at_k(index, vectors, labels, RECALL_SAMPLE)
+        if recall >= RECALL_TARGET:
+            return recall
+    raise IndexQualityError(
+        f"recall@10 {recall:.3f} < {RECALL_TARGET} even at ef={EF_STEPS[-1]}; old index kept"
+    )
+
+
+def rebuild_changed(store: Store, data_dir: Path, only: str | None = None) -> dict[str, Any]:
+    """Rebuild the index of every collection whose contents changed since its last build."""
+    report: dict[str, Any] = {}
+    for state in store.states():
+        if only and state.collection != only:
+            continue
+        published = store.blob_version(blob_name(state.collection))
+        if published and published[1].get("state") == state.token:
+            report[state.collection] = "unchanged"
+            continue
+        try:
+            report[state.collection] = build_index(store, state.collection, data_dir)[1]
+        except IndexQualityError as exc:
+            log.error("index %s not rebuilt: %s", state.collection, exc)
+            report[state.collection] = f"failed: {exc}"
+    return report
+
+
+class IndexCache:
+    """Per-process cache of loaded indexes; checks the store for a newer version at most
+    every ``check_interval_s`` and swaps to it (searches in flight keep the old object)."""
+
+    def __init__(self, store: Store, data_dir: Path, check_interval_s: float = 1.0) -> None:
+        self.store = store
+        self.data_dir = data_dir
+        self.check_interval_s = check_interval_s
+        self._loaded: dict[str, LoadedIndex] = {}
+        self._lock = threading.Lock()
+
+    def get(self, collection: str) -> LoadedIndex | None:
+        """The newest published index of ``collection``, or None if none was built."""
+        current = self._loaded.get(collection)
+        if current and time.monotonic() - current.checked_at < self.check_interval_s:
+            return current
+        with self._lock:
+            return self._refresh(collection, self._loaded.get(collection))
+
+    def _refresh(self, collection: str, current: LoadedIndex | None) -> LoadedIndex | None:
+        published = self.store.blob_version(blob_name(collection))
+        if published is None:
+            self._loaded.pop(collection, None)
+            return None
+        version, meta = published
+        if current and current.version == version:
+            current.checked_at = time.monotonic()
+            return current
+        loaded = self._load(collection, version, meta)
+        self._loaded[collection] = loaded
+        return loaded
+
+    def _load(self, collection: str, version: int, meta: dict[str, Any]) -> LoadedIndex:
+        path = self.data_dir / "index" / f"{_safe(collection)}.{version}.{INDEX_KIND}"
+        if not path.exists():
+            write_atomically(path, self.store.get_blob(blob_name(collection), version))
+        index = create_index(INDEX_KIND, int(meta["dim"]))
+        index.load(path)
+        if meta.get("ef"):
+            index.ef = int(meta["ef"])  # type: ignore[attr-defined]
+        built_at = datetime.fromisoformat(meta["built_at"])
+        return LoadedIndex(collection, version, index, built_at)

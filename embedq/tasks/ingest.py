@@ -1,0 +1,40 @@
+"""``ingest_documents`` and ``rebuild_index``: the bulk side. Results are counts, never vectors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embedq.app import app
+from embedq.errors import InvalidInputError, UnknownModelError
+from embedq.indexes import rebuild_changed
+from embedq.requests import parse_documents
+from embedq.settings import get_settings
+from embedq.tasks.embed import EmbedTask
+from embedq.worker.runtime import get_runtime
+
+
+@app.task(
+    name="embedq.ingest_documents",
+    base=EmbedTask,
+    throws=(InvalidInputError, UnknownModelError),
+)
+def ingest_documents(
+    collection: str,
+    documents: list[dict[str, Any]],
+    chunks: dict[str, int] | None = None,
+    model: str | None = None,
+) -> dict[str, int]:
+    """Embed and store ``documents`` (dicts: id, text, metadata, parent, chunk) unless they
+    are stored already with the same text; returns counts."""
+    request = parse_documents(collection, documents, model)
+    runtime = get_runtime()
+    if not runtime.encoder.accepts(request.model):
+        raise UnknownModelError(f"model {request.model!r} is not served here")
+    return runtime.ingest(request, dict(chunks or {}))
+
+
+@app.task(name="embedq.rebuild_index")
+def rebuild_index(collection: str | None = None) -> dict[str, Any]:
+    """Rebuild the HNSW index of each collection that changed (Celery beat runs this)."""
+    runtime = get_runtime()
+    return rebuild_changed(runtime.store, get_settings().data_dir, only=collection)

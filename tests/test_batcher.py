@@ -1,0 +1,152 @@
+"""Pure logic of the batcher: packing, splitting failed batches, grouping requests."""
+
+from __future__ import annotations
+
+from concurrent.futures import wait
+
+import numpy as np
+import pytest
+
+from embedq.errors import EncoderError
+from embedq.worker.batcher import Batcher, encode_all, pack
+from embedq.worker.cache import Cache, CacheStats, pack_vector, unpack_vector
+from embedq.worker.encoder import Tokenized
+
+
+def test_pack_puts_every_position_in_exactly_one_batch():
+    lengths = np.random.default_rng(0).integers(1, 257, size=1000)
+    batches = pack(lengths, max_tokens=4096, max_items=64)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1000))
+
+
+def test_pack_respects_token_budget_and_item_cap():
+    lengths = np.random.default_rng(1).integers(1, 257, size=500)
+    for batch in pack(lengths, max_tokens=2048, max_items=32):
+        assert lengths[batch].max() * len(batch) <= 2048
+        assert len(batch) <= 32
+
+
+def test_pack_sorts_longest_first_so_batches_pad_little():
+    lengths = np.array([5, 100, 7, 99, 6, 98])
+    batches = pack(lengths, max_tokens=300, max_items=10)
+    assert [sorted(lengths[b].tolist()) for b in batches] == [[98, 99, 100], [5, 6, 7]]
+
+
+def test_pack_gives_an_oversized_text_its_own_batch():
+    batches = pack(np.array([600, 3, 3]), max_tokens=512, max_items=10)
+    assert [b.tolist() for b in batches] == [[0], [1, 2]]
+
+
+def test_pack_of_nothing_is_no_batches():
+    assert pack(np.array([], dtype=np.int64), 512, 8) == []
+
+
+class FakeEncoder:
+    """Vector = [first token id, length]; fails like a real one would when told to."""
+
+    dim = 2
+    model_id = "fake@0"
+    max_seq_tokens = 512
+    max_batch_tokens = 1024
+
+    def __init__(self, oom_above: int = 10**9, poison: int | None = None) -> None:
+        self.oom_above = oom_above
+        self.poison = poison
+        self.batch_sizes: list[int] = []
+
+    def tokenize(self, texts: list[str]) -> Tokenized:
+        ids = [[int(t.split()[0])] * len(t.split()) for t in texts]
+        return Tokenized(ids, np.array([len(x) > 3 for x in ids], dtype=bool))
+
+    def embed_ids(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
+        if len(ids) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any(x[0] == self.poison for x in ids):
+            raise ValueError("poisoned text")
+        self.batch_sizes.append(len(ids))
+        return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
+
+
+def _tok(n: int) -> Tokenized:
+    return Tokenized([[i] * (1 + i % 3) for i in range(n)], np.zeros(n, dtype=bool))
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing():
+    encoder = FakeEncoder(oom_above=3)
+    out = encode_all(encoder, _tok(16), True, max_tokens=1000, max_items=16)
+    assert out.failed == {}
+    assert out.vectors[:, 0].tolist() == list(range(16))
+    assert max(encoder.batch_sizes) <= 3
+
+
+def test_a_poisonous_text_fails_alone():
+    encoder = FakeEncoder(poison=5)
+    out = encode_all(encoder, _tok(16), True, max_tokens=1000, max_items=16)
+    assert list(out.failed) == [5]
+    assert "poisoned" in out.failed[5]
+    good = [i for i in range(16) if i != 5]
+    assert out.vectors[good, 0].tolist() == good
+
+
+def test_on_batch_reports_padded_cost():
+    seen: list[tuple[int, int]] = []
+    tok = Tokenized([[1] * 4, [2] * 2, [3] * 1], np.zeros(3, dtype=bool))
+    encode_all(FakeEncoder(), tok, True, 100, 10, on_batch=lambda n, p: seen.append((n, p)))
+    assert seen == [(3, 12)]
+
+
+class DictCache(Cache):
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.stats = CacheStats()
+
+    def get_many(self, keys):
+        return [self.data.get(k) for k in keys]
+
+    def set_many(self, items, pipeline=None):
+        self.data.update(items)
+
+
+def test_cache_value_round_trips_with_truncation_flag():
+    vector = np.arange(4, dtype=np.float32)
+    for flag in (True, False):
+        back, cut = unpack_vector(pack_vector(vector, flag))
+        assert cut is flag
+        np.testing.assert_array_equal(back, vector)
+
+
+def test_batcher_groups_waiting_requests_and_restores_each_order():
+    encoder = FakeEncoder()
+    batcher = Batcher(encoder, DictCache(), wait_s=0.05, max_batch_size=64)
+    futures = []
+    for i in range(10):
+        texts = [f"{10 * i + j} w" for j in range(3)][:: -1 if i % 2 else 1]
+        futures.append((texts, batcher.submit(texts, normalize=True)))
+    wait([f for _, f in futures], timeout=10)
+    for texts, future in futures:
+        rows = future.result().vectors
+        assert rows[:, 0].tolist() == [int(t.split()[0]) for t in texts]
+    assert batcher.stats.batches < 10
+    batcher.close()
+
+
+def test_batcher_fails_only_requests_that_hold_a_poisonous_text():
+    batcher = Batcher(FakeEncoder(poison=7), DictCache(), wait_s=0.05, max_batch_size=64)
+    bad = batcher.submit(["7 x", "8 y"], normalize=True)
+    good = batcher.submit(["9 z"], normalize=True)
+    with pytest.raises(EncoderError, match="1 of 2 texts"):
+        bad.result(timeout=10)
+    assert good.result(timeout=10).vectors[0, 0] == 9
+    batcher.close()
+
+
+def test_batcher_serves_repeats_from_its_cache():
+    encoder = FakeEncoder()
+    batcher = Batcher(encoder, DictCache(), wait_s=0.0, max_batch_size=64)
+    batcher.submit(["1 a", "2 b", "1 a"], normalize=True).result(timeout=10)
+    assert batcher.stats.texts_encoded == 2
+    again = batcher.submit(["2 b", "1 a"], normalize=True).result(timeout=10)
+    assert batcher.stats.texts_encoded == 2
+    assert again.vectors[:, 0].tolist() == [2, 1]
+    batcher.close()

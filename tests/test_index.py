@@ -1,0 +1,173 @@
+"""HNSW index: build, recall gate, publish to other hosts, freshness, deletes, rebuild races."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from embedq import indexes
+from embedq.indexes import IndexCache, blob_name, build_index, rebuild_changed
+from embedq.search import Searcher
+from embedq.settings import Settings
+from embedq.storage import Item, create_store
+from embedq.storage.hnsw import HNSWIndex
+from embedq.storage.index import exact_top_k, recall_at_k
+
+DIM = 32
+
+
+def _clustered(n: int, seed: int) -> np.ndarray:
+    """Vectors in 50 clusters, like real embeddings (not uniform noise)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(50, DIM))
+    return (centers[rng.integers(0, 50, n)] + 0.3 * rng.normal(size=(n, DIM))).astype(np.float32)
+
+
+def _items(collection: str, vectors: np.ndarray, prefix: str = "id") -> list[Item]:
+    return [
+        Item(collection, f"{prefix}-{i}", f"text {i}", v, "m@1", f"h{i}", {"group": i % 3})
+        for i, v in enumerate(vectors)
+    ]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    url = (
+        f"sqlite:///{tmp_path / 'idx.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    s = create_store(url)
+    yield s
+    s.close()
+
+
+def _searcher(store, tmp_path, name="host-a") -> Searcher:
+    return Searcher(store, Settings(data_dir=tmp_path / name))
+
+
+def test_hnsw_recall_against_exact_search():
+    vectors = _clustered(5000, 0)
+    labels = np.arange(5000, dtype=np.int64) * 7
+    index = HNSWIndex(DIM)
+    index.build(labels, vectors)
+    assert recall_at_k(index, vectors, labels, sample=300) >= 0.98
+    found, sims = index.query(vectors[:1], 1)
+    assert found[0, 0] == 0 and sims[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_exact_top_k_orders_by_cosine():
+    vectors = np.array([[1, 0], [0.7, 0.7], [0, 1]], dtype=np.float32)
+    labels, sims = exact_top_k(
+        np.array([[1, 0.1]], dtype=np.float32), vectors, np.array([5, 6, 7]), 2
+    )
+    assert labels.tolist() == [[5, 6]]
+    assert sims[0, 0] > sims[0, 1]
+
+
+def test_build_publish_and_load_on_another_host(store, tmp_path):
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    vectors = _clustered(2000, 1)
+    store.upsert(_items(collection, vectors))
+    version, meta = build_index(store, collection, tmp_path / "builder")
+    assert meta["count"] == 2000 and meta["recall_at_10"] >= 0.98
+    # A host that never built anything fetches the published version from the store.
+    other = _searcher(store, tmp_path, "host-b")
+    hits = other.search(vectors[42], collection, k=3)
+    assert hits[0].id == "id-42" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert other.indexes.get(collection).version == version
+    assert (tmp_path / "host-b" / "index").is_dir()
+
+
+def test_new_updated_and_deleted_items_are_fresh_before_a_rebuild(store, tmp_path):
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    vectors = _clustered(1000, 2)
+    store.upsert(_items(collection, vectors))
+    build_index(store, collection, tmp_path / "b")
+    searcher = _searcher(store, tmp_path)
+    new = _clustered(1, 99)[0]
+    store.upsert(_items(collection, np.array([new]), prefix="new"))
+    assert searcher.search(new, collection, k=1)[0].id == "new-0"
+    moved = -vectors[7]
+    store.upsert([Item(collection, "id-7", "moved", moved, "m@1", "h")])
+    top = searcher.search(moved, collection, k=1)[0]
+    assert top.id == "id-7" and top.text == "moved"
+    store.delete(collection, ["id-8"])
+    assert all(h.id != "id-8" for h in searcher.search(vectors[8], collection, k=10))
+
+
+def test_where_filter_and_parents(store, tmp_path):
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    vectors = _clustered(300, 3)
+    store.upsert(_items(collection, vectors))
+    hits = _searcher(store, tmp_path).search(vectors[0], collection, k=5, where={"group": 1})
+    assert len(hits) == 5 and all(h.metadata["group"] == 1 for h in hits)
+
+
+def test_rebuild_skips_unchanged_collections(store, tmp_path):
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    store.upsert(_items(collection, _clustered(200, 4)))
+    first = rebuild_changed(store, tmp_path, only=collection)
+    assert isinstance(first[collection], dict)
+    assert rebuild_changed(store, tmp_path, only=collection) == {collection: "unchanged"}
+    store.delete(collection, ["id-1"])
+    assert isinstance(rebuild_changed(store, tmp_path, only=collection)[collection], dict)
+
+
+def test_a_failed_build_keeps_the_old_index(store, tmp_path, monkeypatch):
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    vectors = _clustered(500, 5)
+    store.upsert(_items(collection, vectors))
+    version, _ = build_index(store, collection, tmp_path)
+    store.upsert(_items(collection, _clustered(10, 6), prefix="more"))
+    monkeypatch.setattr(indexes, "RECALL_TARGET", 1.01)  # no index can pass
+    report = rebuild_changed(store, tmp_path, only=collection)
+    assert report[collection].startswith("failed: recall@10")
+    assert store.blob_version(blob_name(collection))[0] == version
+    assert _searcher(store, tmp_path).search(vectors[3], collection, k=1)[0].id == "id-3"
+
+
+def test_rebuild_during_searches_never_fails_or_returns_deleted(store, tmp_path):
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    vectors = _clustered(1500, 7)
+    store.upsert(_items(collection, vectors))
+    build_index(store, collection, tmp_path / "builder")
+    searcher = Searcher(store, Settings(data_dir=tmp_path / "reader"))
+    searcher.indexes.check_interval_s = 0.0  # look for new versions on every search
+    deleted: set[str] = set()
+    errors: list[BaseException] = []
+    stale: list[str] = []
+    stop = threading.Event()
+    searches = 0
+
+    def search_loop() -> None:
+        nonlocal searches
+        rng = np.random.default_rng(8)
+        while not stop.is_set():
+            gone = set(deleted)
+            try:
+                hits = searcher.search(vectors[rng.integers(0, 1500)], collection, k=10)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            stale.extend(h.id for h in hits if h.id in gone)
+            searches += 1
+
+    thread = threading.Thread(target=search_loop)
+    thread.start()
+    try:
+        for round_ in range(3):
+            ids = [f"id-{i}" for i in range(round_ * 50, round_ * 50 + 50)]
+            store.delete(collection, ids)
+            deleted.update(ids)
+            build_index(store, collection, tmp_path / "builder")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors
+    assert not stale, f"deleted ids returned: {stale[:5]}"
+    assert searches > 10
+    assert IndexCache(store, tmp_path / "x").get(collection).version == 4
