@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=64, help="texts per task")
     parser.add_argument("--redis-db", type=int, default=13)
+    parser.add_argument(
+        "--mode",
+        choices=("embed", "ingest"),
+        default="embed",
+        help="embed: embed_texts tasks; ingest: embedq ingest into a new collection (store too)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -37,6 +44,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from embedq.broker import connect
+    from embedq.producer.ingest import ingest
     from embedq.tasks import embed_texts
 
     texts = load_texts(args.data, args.limit)
@@ -48,15 +56,23 @@ def main() -> None:
     chunks = [texts[i : i + args.chunk] for i in range(0, len(texts), args.chunk)]
 
     def run_pipeline() -> None:
+        if args.mode == "ingest":
+            docs = ({"id": str(i), "text": t} for i, t in enumerate(texts))
+            summary = ingest(docs, f"bench-{time.time_ns()}", chunk_size=args.chunk)
+            assert summary.embedded == len(set(texts)), summary
+            return
         pending = [embed_texts.delay(chunk) for chunk in chunks]
         for result in pending:
             result.get(timeout=3600)
 
+    db_url = f"sqlite:///{tempfile.mkdtemp(prefix='embedq-bench-')}/store.db"
+    os.environ["EMBEDQ_DATABASE_URL"] = db_url
     with worker("cpu", {"EMBEDQ_REDIS_URL": redis_url, "EMBEDQ_LRU_ITEMS": "1"}):
         embed_texts.delay(["warm-up"]).get(timeout=300)
         pipe_s = median_time(run_pipeline, args.repeats, before=client.flushdb)
 
     report = {
+        "mode": args.mode,
         "data": args.data,
         "texts": len(texts),
         "repeats": args.repeats,
@@ -69,7 +85,7 @@ def main() -> None:
     }
     print(json.dumps(report))
     print(
-        f"| {args.data} | {len(texts)} | {report['raw_texts_per_s']} | "
+        f"| {args.mode} | {args.data} | {len(texts)} | {report['raw_texts_per_s']} | "
         f"{report['pipeline_texts_per_s']} | {report['ratio']} |"
     )
     if args.out:

@@ -8,6 +8,7 @@ version. Items written since the snapshot are searched exactly, as a small delta
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from embedq.errors import IndexQualityError
 from embedq.storage import Store
@@ -37,8 +40,10 @@ def blob_name(collection: str) -> str:
     return f"index:{INDEX_KIND}:{collection}"
 
 
-def _safe(collection: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", collection)
+def index_dir(data_dir: Path, collection: str) -> Path:
+    """Local folder of one collection's index files (readable name + hash: never shared)."""
+    digest = hashlib.sha256(collection.encode()).hexdigest()[:8]
+    return data_dir / "index" / f"{re.sub(r'[^A-Za-z0-9_-]', '_', collection)[:64]}-{digest}"
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -57,15 +62,39 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def pack_blob(index_bytes: bytes, pks: np.ndarray, stamps: np.ndarray) -> bytes:
+    """What is published: the index file, then each indexed row's key and update time."""
+    head = np.array([len(index_bytes), len(pks)], dtype=np.int64).tobytes()
+    return head + index_bytes + pks.astype(np.int64).tobytes() + stamps.astype(np.int64).tobytes()
+
+
+def unpack_blob(data: bytes) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Inverse of :func:`pack_blob`."""
+    size, count = np.frombuffer(data[:16], dtype=np.int64)
+    body = 16 + int(size)
+    pks = np.frombuffer(data[body : body + 8 * int(count)], dtype=np.int64)
+    stamps = np.frombuffer(data[body + 8 * int(count) :], dtype=np.int64)
+    return data[16:body], pks, stamps
+
+
 @dataclass
 class LoadedIndex:
-    """An index in memory, with what it covers."""
+    """An index in memory, with the version of each row it holds."""
 
     collection: str
     version: int
     index: Index
     built_at: datetime
+    pks: np.ndarray  # sorted
+    stamps: np.ndarray
     checked_at: float = field(default_factory=time.monotonic)
+
+    def covers(self, pks: np.ndarray, stamps: np.ndarray) -> np.ndarray:
+        """For each row, whether the index holds it at exactly that update."""
+        at = np.clip(np.searchsorted(self.pks, pks), 0, max(len(self.pks) - 1, 0))
+        if not len(self.pks):
+            return np.zeros(len(pks), dtype=bool)
+        return (self.pks[at] == pks) & (self.stamps[at] == stamps)
 
 
 def build_index(store: Store, collection: str, data_dir: Path) -> tuple[int, dict[str, Any]]:
@@ -77,10 +106,10 @@ def build_index(store: Store, collection: str, data_dir: Path) -> tuple[int, dic
     index = create_index(INDEX_KIND, dim)
     index.build(snap.pks, snap.vectors)
     recall = _tune_ef(index, snap.vectors, snap.pks)
-    tmp = data_dir / "index" / f".build-{_safe(collection)}-{os.getpid()}.bin"
+    tmp = index_dir(data_dir, collection) / f".build-{os.getpid()}.tmp"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     index.save(tmp)
-    data = tmp.read_bytes()
+    data = pack_blob(tmp.read_bytes(), snap.pks, snap.stamps)
     tmp.unlink()
     meta = {
         "state": state.token if state else "0:-",
@@ -92,7 +121,7 @@ def build_index(store: Store, collection: str, data_dir: Path) -> tuple[int, dic
         "build_s": round(time.perf_counter() - started, 3),
     }
     version = store.put_blob(blob_name(collection), data, meta)
-    write_atomically(data_dir / "index" / f"{_safe(collection)}.{version}.{INDEX_KIND}", data)
+    write_atomically(index_dir(data_dir, collection) / f"v{version}.blob", data)
     log.info("index %s v%d: %s", collection, version, meta)
     return version, meta
 
@@ -160,12 +189,19 @@ class IndexCache:
         return loaded
 
     def _load(self, collection: str, version: int, meta: dict[str, Any]) -> LoadedIndex:
-        path = self.data_dir / "index" / f"{_safe(collection)}.{version}.{INDEX_KIND}"
+        folder = index_dir(self.data_dir, collection)
+        path = folder / f"v{version}.blob"
         if not path.exists():
             write_atomically(path, self.store.get_blob(blob_name(collection), version))
+        index_bytes, pks, stamps = unpack_blob(path.read_bytes())
+        local = folder / f"v{version}.{INDEX_KIND}"
+        write_atomically(local, index_bytes)
         index = create_index(INDEX_KIND, int(meta["dim"]))
-        index.load(path)
+        index.load(local)
         if meta.get("ef"):
             index.ef = int(meta["ef"])  # type: ignore[attr-defined]
         built_at = datetime.fromisoformat(meta["built_at"])
-        return LoadedIndex(collection, version, index, built_at)
+        for old in folder.glob("v*"):
+            if not old.name.startswith(f"v{version}."):
+                old.unlink(missing_ok=True)  # older versions: already loaded or replaced
+        return LoadedIndex(collection, version, index, built_at, pks.copy(), stamps.copy())

@@ -7,13 +7,14 @@ updated since the index was built is scored with its new vector (it is in the de
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 
 from embedq.errors import InvalidInputError
-from embedq.indexes import DELTA_MARGIN, IndexCache
+from embedq.indexes import DELTA_MARGIN, IndexCache, LoadedIndex
 from embedq.settings import Settings, get_settings
 from embedq.storage import Item, Store, create_store
 from embedq.storage.index import exact_top_k, normalize
@@ -21,6 +22,34 @@ from embedq.storage.index import exact_top_k, normalize
 MAX_K = 1000
 # Metadata filters that match at most this many items are searched exactly.
 EXACT_FILTER_LIMIT = 20_000
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Writes commit a little after they are stamped (by the writer's clock); re-reading this
+# far before the previous read catches them.
+RECENT_LOOKBACK = timedelta(seconds=30)
+
+
+@dataclass
+class _Delta:
+    version: int | None
+    watermark: datetime
+    rows: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
+    _arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, stamps: dict[int, int], items: list[Item]) -> None:
+        for item in items:
+            assert item.pk is not None
+            self.rows[item.pk] = (stamps[item.pk], item.vector)
+        if items:
+            self._arrays = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            pks = np.fromiter(self.rows, dtype=np.int64, count=len(self.rows))
+            vectors = [v for _, v in self.rows.values()]
+            self._arrays = (pks, np.vstack(vectors) if vectors else np.zeros((0, 1), np.float32))
+        return self._arrays
 
 
 @dataclass(frozen=True)
@@ -41,6 +70,8 @@ class Searcher:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.indexes = IndexCache(store, settings.data_dir)
+        self._deltas: dict[str, _Delta] = {}
+        self._delta_lock = threading.Lock()
 
     def search(
         self,
@@ -71,22 +102,44 @@ class Searcher:
         self, query: np.ndarray, collection: str, fetch: int
     ) -> tuple[dict[int, float], bool]:
         loaded = self.indexes.get(collection)
-        since = loaded.built_at - DELTA_MARGIN if loaded else None
-        delta = self.store.snapshot(collection, since=since)
+        delta_pks, delta_vectors = self._delta(collection, loaded)
         scores: dict[int, float] = {}
         exhausted = True
         if loaded is not None:
             labels, sims = loaded.index.query(query, fetch)
-            fresh = set(delta.pks.tolist())
+            fresh = set(delta_pks.tolist())
             scores = {
                 int(p): float(s)
                 for p, s in zip(labels[0], sims[0], strict=True)
                 if int(p) not in fresh
             }
             exhausted = labels.shape[1] >= len(loaded.index)
-        labels, sims = exact_top_k(query, delta.vectors, delta.pks, fetch)
+        labels, sims = exact_top_k(query, delta_vectors, delta_pks, fetch)
         scores.update({int(p): float(s) for p, s in zip(labels[0], sims[0], strict=True)})
         return scores, exhausted
+
+    def _delta(self, collection: str, loaded: LoadedIndex | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows the index does not hold at their current version, kept up to date cheaply:
+        after the first read, only rows stamped within ``RECENT_LOOKBACK`` of the previous
+        read are read again (hosts' clocks must agree to within that, e.g. by NTP)."""
+        version = loaded.version if loaded else None
+        with self._delta_lock:
+            delta = self._deltas.get(collection)
+            if delta is None or delta.version != version:
+                start = loaded.built_at - DELTA_MARGIN if loaded else EPOCH
+                delta = self._deltas[collection] = _Delta(version, start)
+            read_at = datetime.now(UTC)
+            pks, stamps = self.store.stamps(collection, delta.watermark)
+            keep = ~loaded.covers(pks, stamps) if loaded else np.ones(len(pks), dtype=bool)
+            changed = {
+                int(p): int(s)
+                for p, s in zip(pks[keep], stamps[keep], strict=True)
+                if delta.rows.get(int(p), (None,))[0] != int(s)
+            }
+            delta.add(changed, self.store.by_pk(list(changed)) if changed else [])
+            # Next time read only what changed since shortly before this read.
+            delta.watermark = max(delta.watermark, read_at - RECENT_LOOKBACK)
+            return delta.arrays()
 
     def _hits(
         self, scores: dict[int, float], allowed: np.ndarray | None, k: int, parents: bool

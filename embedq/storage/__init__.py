@@ -20,6 +20,8 @@ class Snapshot:
     pks: np.ndarray
     vectors: np.ndarray
     taken_at: datetime
+    # Each row's updated_at, in microseconds since the epoch.
+    stamps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class Store(ABC):
     @abstractmethod
     def snapshot(self, collection: str, since: datetime | None = None) -> Snapshot:
         """All vectors of ``collection`` (only those updated after ``since``, if given)."""
+
+    @abstractmethod
+    def stamps(self, collection: str, since: datetime) -> tuple[np.ndarray, np.ndarray]:
+        """(row keys, updated_at in microseconds) of rows updated after ``since``."""
 
     @abstractmethod
     def filter_pks(self, collection: str, where: dict[str, Any]) -> np.ndarray:

@@ -294,19 +294,31 @@ class SQLStore(Store):
             return [_item(row) for row in session.scalars(query)]
 
     def snapshot(self, collection: str, since: datetime | None = None) -> Snapshot:
-        """Row keys and vectors of ``collection``, read in one transaction."""
+        """Row keys, update stamps and vectors of ``collection``, read in one query."""
         taken_at = datetime.now(UTC)
-        query = select(ItemRow.pk, ItemRow.vector).where(ItemRow.collection == collection)
+        query = select(ItemRow.pk, ItemRow.updated_at, ItemRow.vector).where(
+            ItemRow.collection == collection
+        )
         if since is not None:
             query = query.where(ItemRow.updated_at > since)
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(ItemRow.pk)).all()
         pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        blob = b"".join(r[1] for r in rows)
-        vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), -1) if rows else None
-        return Snapshot(
-            pks, vectors if vectors is not None else np.zeros((0, 0), np.float32), taken_at
+        stamps = np.fromiter((micros(r[1]) for r in rows), dtype=np.int64, count=len(rows))
+        blob = b"".join(r[2] for r in rows)
+        dim = len(rows[0][2]) // 4 if rows else 0
+        vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
+        return Snapshot(pks, vectors, taken_at, stamps)
+
+    def stamps(self, collection: str, since: datetime) -> tuple[np.ndarray, np.ndarray]:
+        """Row keys and update times of rows changed after ``since`` (no vectors read)."""
+        query = select(ItemRow.pk, ItemRow.updated_at).where(
+            ItemRow.collection == collection, ItemRow.updated_at > since
         )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return pks, np.fromiter((micros(r[1]) for r in rows), dtype=np.int64, count=len(rows))
 
     def filter_pks(self, collection: str, where: dict[str, Any]) -> np.ndarray:
         """Row keys whose metadata has each key equal to the given value (JSON equality)."""
@@ -381,6 +393,13 @@ def brief(exc: SQLAlchemyError) -> str:
     """The driver's one-line reason, without the SQL and its parameters (document text)."""
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {reason[0] if reason else ''}"
+
+
+def micros(value: datetime) -> int:
+    """Microseconds since the epoch of a stored time (naive SQLite times are UTC)."""
+    aware = _aware(value)
+    assert aware is not None
+    return int(aware.timestamp() * 1_000_000)
 
 
 def _aware(value: datetime | None) -> datetime | None:
