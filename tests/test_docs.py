@@ -36,3 +36,21 @@ def test_cli_help_lists_the_commands():
     )
     for command in ("worker", "embed", "demo"):
         assert command in out.stdout
+
+
+def test_beat_rebuilds_indexes_on_the_configured_interval():
+    from embedq.app import app
+    from embedq.settings import get_settings
+
+    entry = app.conf.beat_schedule["embedq-rebuild-index"]
+    assert entry["task"] == "embedq.rebuild_index"
+    assert entry["task"] in app.tasks
+    assert entry["schedule"] == get_settings().index_rebuild_s
+
+
+def test_no_pickle_on_the_wire():
+    from embedq.app import app
+
+    assert "pickle" not in app.conf.accept_content
+    assert "pickle" not in app.conf.result_accept_content
+    assert app.conf.task_serializer == app.conf.result_serializer == "embedq-msgpack"
