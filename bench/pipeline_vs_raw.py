@@ -44,7 +44,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from embedq.broker import connect
-    from embedq.producer.ingest import ingest
+    from embedq.producer.bulk import ingest
     from embedq.tasks import embed_texts
 
     texts = load_texts(args.data, args.limit)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from embedq.indexes import build_index
-from embedq.search import Searcher
+from embedq.searcher import Searcher
 from embedq.settings import Settings
 from embedq.storage import Item, create_store
 from embedq.storage.index import exact_top_k

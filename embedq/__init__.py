@@ -1,3 +1,20 @@
-"""embedq: asynchronous text embeddings at any scale (Celery + Redis + sentence-transformers)."""
+"""embedq: asynchronous text embeddings at any scale (Celery + Redis + sentence-transformers).
+
+``embedq.search`` and ``embedq.lookup`` are imported on first use, so ``import embedq``
+stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["lookup", "search"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from embedq import searcher
+
+        return getattr(searcher, name)
+    raise AttributeError(f"module 'embedq' has no attribute {name!r}")

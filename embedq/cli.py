@@ -84,7 +84,7 @@ def ingest(
     ),
 ) -> None:
     """Embed and store every document of PATH; a rerun skips what is already stored."""
-    from embedq.producer.ingest import ingest as run_ingest
+    from embedq.producer.bulk import ingest as run_ingest
     from embedq.producer.progress import ingest_progress
     from embedq.producer.reader import count_records, read_documents
 
@@ -125,7 +125,7 @@ def search(
     as_json: bool = typer.Option(False, "--json", envvar="EMBEDQ_JSON"),
 ) -> None:
     """Print the K items of COLLECTION nearest to TEXT."""
-    from embedq.search import search as run_search
+    from embedq.searcher import search as run_search
 
     hits = run_search(text, collection, k=k, where=_where(where), parents=parents)
     for rank, hit in enumerate(hits, 1):

@@ -150,3 +150,28 @@ def test_batcher_serves_repeats_from_its_cache():
     assert batcher.stats.texts_encoded == 2
     assert again.vectors[:, 0].tolist() == [2, 1]
     batcher.close()
+
+
+def test_memory_cap_lowers_the_token_budget():
+    from embedq.worker.encoder import Encoder
+
+    class Sized(Encoder):
+        max_seq_tokens = 256
+        batch_tokens_setting = 4096
+
+        def tokenize(self, texts):
+            raise NotImplementedError
+
+        def embed_ids(self, ids, normalize):
+            raise NotImplementedError
+
+        def bytes_per_token(self, seq_len):
+            return 1000
+
+    encoder = Sized()
+    encoder.memory_cap = 10**9
+    assert encoder.max_batch_tokens == 4096  # the setting binds
+    encoder.memory_cap = 10**6
+    assert encoder.max_batch_tokens == 1000  # the memory cap binds
+    encoder.memory_cap = 10
+    assert encoder.max_batch_tokens == 256  # never below one full-length text

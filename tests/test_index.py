@@ -10,7 +10,7 @@ import pytest
 
 from embedq import indexes
 from embedq.indexes import IndexCache, blob_name, build_index, rebuild_changed
-from embedq.search import Searcher
+from embedq.searcher import Searcher
 from embedq.settings import Settings
 from embedq.storage import Item, create_store
 from embedq.storage.hnsw import HNSWIndex

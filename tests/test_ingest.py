@@ -13,13 +13,13 @@ import uuid
 
 import pytest
 
+from embedq import lookup, search
 from embedq.errors import InvalidInputError
 from embedq.indexes import build_index
 from embedq.keys import VECTOR_PREFIX
+from embedq.producer import ingest
 from embedq.producer.chunker import chunk_spans
-from embedq.producer.ingest import ingest
 from embedq.producer.reader import BadRecord, Document, count_records, read_documents
-from embedq.search import lookup, search
 from embedq.settings import get_settings
 from embedq.storage import create_store
 from tests.conftest import ROOT, SHARED_DATA, load_pydoc
@@ -174,3 +174,21 @@ def test_chunk_spans_overlap_and_cover_the_text():
     assert len(spans) > 3 and spans[0][0] == 0 and spans[-1][1] == len(text)
     assert all(b[0] < a[1] for a, b in itertools.pairwise(spans))  # overlapping
     assert chunk_spans("short text", 64, 0, get_settings().model) == [(0, 10)]
+
+
+def test_cli_delete_removes_items_from_search(celery_worker):
+    collection = f"del-{uuid.uuid4().hex[:6]}"
+    ingest(
+        [{"id": "keep", "text": "a red apple"}, {"id": "gone", "text": "a red apple pie"}],
+        collection,
+    )
+    exe = os.path.join(os.path.dirname(sys.executable), "embedq")
+    out = subprocess.run(
+        [exe, "delete", "--collection", collection, "--id", "gone", "--id", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "deleted 1 of 2" in out.stdout
+    assert [h.id for h in search("red apple pie", collection, k=5)] == ["keep"]

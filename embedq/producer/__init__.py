@@ -1,8 +1,12 @@
-"""Producer side: helpers that put work on the queues and wait for it."""
+"""Producer side: helpers that put work on the queues and wait for it.
+
+``embedq.producer.ingest(documents, collection=...)`` streams a corpus into the store.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,3 +39,10 @@ def embed(
     parts = [result.get(timeout=timeout_s) for result in pending]
     truncated = [i * size + j for i, part in enumerate(parts) for j in part.truncated]
     return Embeddings(np.concatenate(parts) if parts else np.zeros((0, 0)), truncated)
+
+
+def ingest(documents: Any, collection: str, **options: Any) -> Any:
+    """Stream ``documents`` into ``collection``; see :func:`embedq.producer.bulk.ingest`."""
+    from embedq.producer.bulk import ingest as run
+
+    return run(documents, collection, **options)

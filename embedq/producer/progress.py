@@ -14,14 +14,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from embedq.producer.ingest import IngestSummary
+from embedq.producer.bulk import IngestSummary
 
 
 @contextmanager
 def ingest_progress(
     total: int | None, enabled: bool = True
 ) -> Iterator[Callable[[IngestSummary, int], None]]:
-    """Yields an ``on_progress`` callback for :func:`embedq.producer.ingest.ingest`."""
+    """Yields an ``on_progress`` callback for :func:`embedq.producer.ingest`."""
     if not enabled:
         yield lambda summary, done: None
         return
