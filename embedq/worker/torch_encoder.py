@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -19,11 +20,14 @@ from embedq.worker.encoder import (
 
 try:
     import torch
+    import transformers
     from sentence_transformers import SentenceTransformer
 except ImportError as exc:  # pragma: no cover - both are core dependencies
     raise ImportError("the torch encoder needs: pip install torch sentence-transformers") from exc
 
 log = logging.getLogger(__name__)
+# Weight-loading progress bars would land in every worker's log as WARNING lines.
+transformers.utils.logging.disable_progress_bar()
 
 
 def pick_device(wanted: str) -> str:
@@ -65,7 +69,7 @@ class TorchEncoder(Encoder):
         self.tokenizer = self.model.tokenizer
         self.max_seq_tokens = int(self.model.max_seq_length)
         self.dim = int(self.model.get_embedding_dimension())
-        self.model_id = f"{path.name}@{fingerprint(path)}"
+        self.model_id = f"{Path(settings.model).name}@{fingerprint(path)}"
         self.memory_cap = memory_cap_bytes(settings, self.device)
         self.batch_tokens_setting = batch_tokens_for(settings, self.device)
         self._config = self.model[0].auto_model.config
