@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -102,3 +103,9 @@ def client_url(url: str) -> str:
 def connect(url: str | None = None) -> redis.Redis:
     """A redis-py client for ``url`` (default: the resolved embedq URL)."""
     return redis.Redis.from_url(client_url(url or redis_url()))
+
+
+@functools.cache
+def shared_client() -> redis.Redis:
+    """One client (and connection pool) per process for embedq's own small Redis calls."""
+    return connect()

@@ -66,6 +66,7 @@ def redis_client() -> Any:
 def celery_worker(redis_client: Any) -> Iterator[Any]:
     """A real Celery worker (threads pool, as in production) in this process."""
     from celery.contrib.testing.worker import start_worker
+    from celery.signals import worker_ready
 
     from embedq.app import app
     from embedq.worker.runtime import get_runtime
@@ -74,6 +75,8 @@ def celery_worker(redis_client: Any) -> Iterator[Any]:
     with start_worker(
         app, pool="threads", concurrency=32, perform_ping_check=False, shutdown_timeout=30
     ) as worker:
+        # Celery's test worker skips what its full worker app sends when ready.
+        worker_ready.send(sender=worker.consumer)
         yield worker
 
 

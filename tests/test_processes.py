@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from embedq.broker import connect
 from embedq.storage import create_store
 from tests.conftest import ROOT
 
@@ -110,8 +111,10 @@ def test_worker_commands_embed_and_store(cmd, database, request, tmp_path, redis
         result = run_client(
             env, texts=["alpha", "beta", "gamma"], collection=collection, ids=["a", "b", "c"]
         )
+        beats = list(connect(redis_url).scan_iter("embedq:hb:cpu:*"))
     output = proc.stdout.read() if proc.stdout else ""
     assert proc.returncode == 0, output[-3000:]
+    assert len(beats) == 1, "a live worker publishes one heartbeat for its queue"
     assert result["shape"] == [3, 384]
     assert result["type"] == "Embeddings"
     assert all(abs(n - 1.0) < 1e-4 for n in result["norms"])

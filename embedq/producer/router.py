@@ -1,28 +1,125 @@
-"""Which queue a task goes to. Today: the explicit ``queue=`` or the default queue.
+"""Which queue a task goes to: by expected completion time, from live worker heartbeats.
 
-This is the seam the load-aware router plugs into (worker heartbeats, queue depth, size).
+An explicit ``queue=`` always wins. Otherwise: no live gpu worker -> cpu; no live cpu
+worker -> gpu; a large batch -> gpu unless its expected time is more than twice cpu's;
+a small one -> whichever queue is expected to finish it first (cpu on a tie, keeping the
+gpu for bulk work). Every decision is counted with its reason in Redis.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
+import redis
+
+from embedq.broker import shared_client
+from embedq.keys import HEARTBEAT_PREFIX, stats_key
 from embedq.settings import get_settings
 
-ROUTED_TASKS = frozenset({"embedq.embed_texts"})
+log = logging.getLogger(__name__)
+
+ROUTED_TASKS = frozenset({"embedq.embed_texts", "embedq.ingest_documents"})
+LARGE_BATCH_TEXTS = 64
+# Until a worker has measured itself: rough texts/s by device (all-MiniLM-L6-v2 class models).
+PRIOR_TEXTS_PER_S = {"cuda": 3000.0, "mps": 500.0, "cpu": 100.0}
+TEXTS_PER_QUEUED_TASK = 64
+CACHE_S = 1.0
+
+decisions: Counter[str] = Counter()
 
 
-def choose_queue(n_texts: int) -> str:
-    """The queue for a request of ``n_texts`` texts when the caller named none."""
-    return get_settings().default_queue
+@dataclass(frozen=True)
+class QueueState:
+    """What the router knows of one queue."""
+
+    workers: int
+    texts_per_s: float
+    depth: int
+
+    def eta_s(self, n_texts: int) -> float:
+        """Expected seconds until ``n_texts`` more texts would be done."""
+        return (self.depth * TEXTS_PER_QUEUED_TASK + n_texts) / max(self.texts_per_s, 1e-6)
+
+
+def decide(n_texts: int, states: dict[str, QueueState]) -> tuple[str, str]:
+    """(queue, reason) for ``n_texts`` texts, given the live queues."""
+    gpu, cpu = states.get("gpu"), states.get("cpu")
+    if gpu is None or gpu.workers == 0:
+        return "cpu", "no_gpu_worker"
+    if cpu is None or cpu.workers == 0:
+        return "gpu", "no_cpu_worker"
+    gpu_eta, cpu_eta = gpu.eta_s(n_texts), cpu.eta_s(n_texts)
+    if n_texts >= LARGE_BATCH_TEXTS:
+        return ("gpu", "large_batch") if gpu_eta <= 2 * cpu_eta else ("cpu", "gpu_backlog")
+    return ("gpu", "gpu_sooner") if gpu_eta < cpu_eta else ("cpu", "cpu_sooner")
+
+
+def read_states(client: redis.Redis) -> dict[str, QueueState]:
+    """Live workers per queue (from heartbeats), their summed speed, and queue depth."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    keys = list(client.scan_iter(f"{HEARTBEAT_PREFIX}:*", count=1000))
+    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
+        if raw:
+            queue = key.decode().split(":")[2]
+            found.setdefault(queue, []).append(json.loads(raw))
+    states = {}
+    for queue, beats in found.items():
+        speed = sum(b["texts_per_s"] or PRIOR_TEXTS_PER_S.get(b["device"], 100.0) for b in beats)
+        states[queue] = QueueState(len(beats), speed, int(client.llen(queue)))
+    return states
+
+
+class Router:
+    """Reads the queues at most once a second per process; counts each decision."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[str, QueueState] = {}
+        self._read_at = -CACHE_S
+
+    def choose(self, n_texts: int) -> str:
+        """The queue for a request of ``n_texts`` texts."""
+        try:
+            queue, reason = decide(n_texts, self._current())
+        except redis.RedisError as exc:
+            log.warning("router could not read heartbeats: %s", exc)
+            queue, reason = get_settings().default_queue, "router_error"
+        count(queue, reason)
+        return queue
+
+    def _current(self) -> dict[str, QueueState]:
+        with self._lock:
+            if time.monotonic() - self._read_at >= CACHE_S:
+                self._states = read_states(shared_client())
+                self._read_at = time.monotonic()
+            return self._states
+
+
+def count(queue: str, reason: str) -> None:
+    """Count one routing decision (in-process and in Redis, for metrics and status)."""
+    decisions[f"{queue}:{reason}"] += 1
+    with contextlib.suppress(redis.RedisError):
+        shared_client().hincrby(stats_key("router"), f"{queue}:{reason}", 1)
+
+
+router = Router()
 
 
 def route_task(
     name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], **_: Any
 ) -> dict[str, str] | None:
-    """Celery router: an explicit ``queue=`` in ``apply_async`` always wins over this."""
+    """Celery router. An explicit ``queue=`` wins (counted as such)."""
     if name not in ROUTED_TASKS:
         return None
-    texts = args[0] if args else kwargs.get("texts")
-    n_texts = len(texts) if isinstance(texts, list | tuple) else 1
-    return {"queue": choose_queue(n_texts)}
+    if explicit := options.get("queue"):
+        count(getattr(explicit, "name", str(explicit)), "explicit")
+        return None
+    items = next((a for a in (*args, *kwargs.values()) if isinstance(a, list | tuple)), ())
+    return {"queue": router.choose(len(items))}

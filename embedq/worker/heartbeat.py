@@ -1,0 +1,78 @@
+"""Worker heartbeats: a short-lived Redis key per queue saying "alive, this fast"."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+
+from embedq.keys import heartbeat_key
+
+log = logging.getLogger(__name__)
+
+INTERVAL_S = 2.0
+TTL_S = 10
+
+
+class Heartbeat:
+    """Publishes liveness and throughput (texts/s, smoothed) every ``INTERVAL_S``."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        queues: Sequence[str],
+        hostname: str,
+        device: str,
+        texts_encoded: Callable[[], int],
+    ) -> None:
+        self.client = client
+        self.queues = list(queues)
+        self.hostname = hostname
+        self.device = device
+        self.texts_encoded = texts_encoded
+        self.texts_per_s: float | None = None
+        self._last = (time.monotonic(), texts_encoded())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        """Beat now and then every interval, in a daemon thread."""
+        self.beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and remove this worker's keys."""
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(*(heartbeat_key(q, self.hostname) for q in self.queues))
+
+    def _run(self) -> None:
+        while not self._stop.wait(INTERVAL_S):
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def beat(self) -> None:
+        """Measure throughput since the last beat and publish it."""
+        now, count = time.monotonic(), self.texts_encoded()
+        then, before = self._last
+        if count > before:
+            rate = (count - before) / max(now - then, 1e-6)
+            # Smoothed, and only from busy intervals: an idle worker is not a slow one.
+            self.texts_per_s = (
+                rate if self.texts_per_s is None else 0.7 * self.texts_per_s + 0.3 * rate
+            )
+        self._last = (now, count)
+        payload = json.dumps(
+            {"hostname": self.hostname, "device": self.device, "texts_per_s": self.texts_per_s}
+        )
+        pipe = self.client.pipeline(transaction=False)
+        for queue in self.queues:
+            pipe.set(heartbeat_key(queue, self.hostname), payload, ex=TTL_S)
+        pipe.execute()
