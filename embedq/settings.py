@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         description="Model name or a local sentence-transformers directory.",
     )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cuda, mps or cpu.")
+    cpu_backend: str = Field(
+        "torch",
+        description="Encoder on CPU: torch (fp32, exact parity) or onnx-int8 (faster; "
+        "needs the onnx extra).",
+    )
     default_queue: str = Field("cpu", description="Queue used when the caller names none.")
     max_memory_mb: int | None = Field(
         None, description="Memory cap for one batch; default: a share of free device memory."

@@ -42,6 +42,7 @@ def test_beat_rebuilds_indexes_on_the_configured_interval():
     from embedq.app import app
     from embedq.settings import get_settings
 
+    app.loader.import_default_modules()  # what a worker or beat does at start
     entry = app.conf.beat_schedule["embedq-rebuild-index"]
     assert entry["task"] == "embedq.rebuild_index"
     assert entry["task"] in app.tasks

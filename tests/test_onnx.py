@@ -1,0 +1,65 @@
+"""The int8 ONNX CPU backend: quality gate on SICK, closeness to fp32, cached export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedq.errors import ConfigurationError
+from embedq.settings import Settings
+from embedq.worker.batcher import encode_all
+from embedq.worker.encoder import create_encoder
+from tests.conftest import TMP, load_pydoc, load_sick
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def int8():
+    return create_encoder(Settings(cpu_backend="onnx-int8", data_dir=TMP / "onnx-state"))
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return create_encoder(Settings(cpu_backend="torch"))
+
+
+def _embed(encoder, texts):
+    tok = encoder.tokenize(texts)
+    return encode_all(encoder, tok, True, encoder.max_batch_tokens, 256).vectors
+
+
+def _spearman(x, y):
+    rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
+    return float(np.corrcoef(rank(x), rank(y))[0, 1])
+
+
+def test_sick_quality_gate_keeps_995_permille_of_fp32(int8, fp32):
+    pairs = load_sick()
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    gold = np.array([p[2] for p in pairs])
+    scores = {}
+    for name, encoder in (("fp32", fp32), ("int8", int8)):
+        scores[name] = _spearman((_embed(encoder, a) * _embed(encoder, b)).sum(1), gold)
+    print(f"SICK Spearman fp32 {scores['fp32']:.4f} int8 {scores['int8']:.4f}")
+    assert scores["int8"] >= 0.995 * scores["fp32"]
+
+
+def test_int8_vectors_stay_close_to_fp32(int8, fp32):
+    texts = [d["text"] for d in load_pydoc()[:300]]
+    cos = (_embed(int8, texts) * _embed(fp32, texts)).sum(1)
+    assert cos.mean() >= 0.97
+    assert int8.model_id == f"{fp32.model_id}+int8"  # never mixed in cache or store
+
+
+def test_the_export_is_cached_per_model(int8):
+    files = list((TMP / "onnx-state" / "onnx" / int8.model_id).glob("model.int8.onnx"))
+    assert len(files) == 1
+    before = files[0].stat().st_mtime_ns
+    again = create_encoder(Settings(cpu_backend="onnx-int8", data_dir=TMP / "onnx-state"))
+    assert again.dim == 384 and files[0].stat().st_mtime_ns == before
+
+
+def test_unknown_backend_is_a_named_error():
+    with pytest.raises(ConfigurationError, match="EMBEDQ_CPU_BACKEND"):
+        create_encoder(Settings(cpu_backend="tpu"))
