@@ -21,7 +21,7 @@ import numpy as np
 from embedq.errors import ConfigurationError, ModelLoadError
 from embedq.settings import Settings
 from embedq.worker.encoder import Encoder, Tokenized, batch_tokens_for, memory_cap_bytes
-from embedq.worker.torch_encoder import TorchEncoder, pad
+from embedq.worker.torch_encoder import TorchEncoder, pad, tokenize_texts
 
 try:
     import onnx
@@ -127,12 +127,13 @@ class OnnxInt8Encoder(Encoder):
             raise ModelLoadError(f"could not load {path}: {exc}") from exc
         self.memory_cap = memory_cap_bytes(settings, "cpu")
         self.batch_tokens_setting = batch_tokens_for(settings, "cpu-int8")
-        self._tokenize = source.tokenize
+        # Only the tokenizer is kept: the fp32 torch model was needed for the export alone.
+        del source
         log.info("Loaded %s as int8 ONNX from %s", self.model_id, path)
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Same ids as the torch backend."""
-        return self._tokenize(texts)
+        return tokenize_texts(self.tokenizer, texts, self.max_seq_tokens)
 
     def embed_ids(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
         """One ONNX Runtime run over a padded batch."""

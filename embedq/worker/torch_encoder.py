@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,24 @@ def pad(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return input_ids, mask.astype(np.int64)
 
 
+def tokenize_texts(tokenizer: Any, texts: list[str], max_tokens: int) -> Tokenized:
+    """Token ids of ``texts`` cut to ``max_tokens``; a fast tokenizer's overflow says which
+    texts were cut (shared by every backend)."""
+    if not texts:
+        return Tokenized([], np.zeros(0, dtype=bool))
+    enc = tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_tokens,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    truncated = np.fromiter(
+        (len(e.overflowing) > 0 for e in enc.encodings), dtype=bool, count=len(texts)
+    )
+    return Tokenized(list(enc["input_ids"]), truncated)
+
+
 class TorchEncoder(Encoder):
     """A sentence-transformers model run by PyTorch on cuda, mps or cpu."""
 
@@ -77,19 +96,7 @@ class TorchEncoder(Encoder):
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Fast-tokenizer ids cut to max tokens; overflow tells which texts were cut."""
-        if not texts:
-            return Tokenized([], np.zeros(0, dtype=bool))
-        enc = self.tokenizer(
-            texts,
-            truncation=True,
-            max_length=self.max_seq_tokens,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
-        truncated = np.fromiter(
-            (len(e.overflowing) > 0 for e in enc.encodings), dtype=bool, count=len(texts)
-        )
-        return Tokenized(list(enc["input_ids"]), truncated)
+        return tokenize_texts(self.tokenizer, texts, self.max_seq_tokens)
 
     def embed_ids(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
         """One forward pass over a padded batch."""
