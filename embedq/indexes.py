@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from embedq.errors import IndexQualityError
-from embedq.storage import Store
+from embedq.storage import CollectionState, Store
 from embedq.storage.index import Index, create_index, recall_at_k
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,15 @@ class LoadedIndex:
         return (self.pks[at] == pks) & (self.stamps[at] == stamps)
 
 
-def build_index(store: Store, collection: str, data_dir: Path) -> tuple[int, dict[str, Any]]:
-    """Build, check and publish the index of ``collection``; returns (version, metadata)."""
-    state = next((s for s in store.states() if s.collection == collection), None)
+def build_index(
+    store: Store, collection: str, data_dir: Path, state: CollectionState | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Build, check and publish the index of ``collection``; returns (version, metadata).
+
+    ``state`` is the collection's state read before the snapshot (read here if not given).
+    """
+    if state is None:
+        state = next((s for s in store.states() if s.collection == collection), None)
     snap = store.snapshot(collection)
     started = time.perf_counter()
     dim = snap.vectors.shape[1] if len(snap.pks) else 1
@@ -149,7 +155,7 @@ def rebuild_changed(store: Store, data_dir: Path, only: str | None = None) -> di
             report[state.collection] = "unchanged"
             continue
         try:
-            report[state.collection] = build_index(store, state.collection, data_dir)[1]
+            report[state.collection] = build_index(store, state.collection, data_dir, state)[1]
         except IndexQualityError as exc:
             log.error("index %s not rebuilt: %s", state.collection, exc)
             report[state.collection] = f"failed: {exc}"

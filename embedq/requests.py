@@ -99,6 +99,13 @@ def parse_metadata(metadata: Any, n: int) -> list[dict[str, Any]] | None:
     return [dict(item) for item in metadata]
 
 
+def parse_model(model: Any) -> str | None:
+    """A model name, or None for the worker's own."""
+    if model is not None and not isinstance(model, str):
+        raise InvalidInputError(f"model must be a string, got {type(model).__name__}")
+    return model
+
+
 def parse_collection(collection: Any) -> str | None:
     """Validate a collection name (letters, digits, ``_.:-``; at most 128 characters)."""
     if collection is None:
@@ -122,8 +129,7 @@ def parse_embed_request(
     """Validate the arguments of ``embed_texts``; raise :class:`InvalidInputError` on any flaw."""
     settings = settings or get_settings()
     parsed, clipped = parse_texts(texts, settings)
-    if model is not None and not isinstance(model, str):
-        raise InvalidInputError(f"model must be a string, got {type(model).__name__}")
+    parse_model(model)
     if not isinstance(normalize, bool):
         raise InvalidInputError(f"normalize must be true or false, got {normalize!r}")
     name = parse_collection(collection)
@@ -168,7 +174,7 @@ def parse_documents(
         raise InvalidInputError("parent must be a string and chunk an integer")
     return EmbedRequest(
         texts=texts,
-        model=model if isinstance(model, str) else None,
+        model=parse_model(model),
         collection=name,
         ids=parse_ids([d.get("id") for d in docs], len(docs)),
         metadata=parse_metadata([d.get("metadata") or {} for d in docs], len(docs)),

@@ -64,3 +64,14 @@ def test_deeply_nested_metadata_is_refused_not_crashed(settings):
         node = node["n"]
     with pytest.raises(InvalidInputError, match="JSON"):
         parse_embed_request(["x"], collection="c", metadata=[nested], settings=settings)
+
+
+def test_ingestion_chunks_validate_the_model_too(settings):
+    from embedq.requests import parse_documents
+
+    with pytest.raises(InvalidInputError, match="model must be a string"):
+        parse_documents("c", [{"id": "a", "text": "x"}], model=3, settings=settings)
+    doc = parse_documents(
+        "c", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], settings=settings
+    )
+    assert doc.texts == ["y"]  # a repeated id keeps its last document

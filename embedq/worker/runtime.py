@@ -50,15 +50,18 @@ class Runtime:
 
     def embed(self, request: EmbedRequest) -> Embeddings:
         """Vectors for ``request`` in input order; stored too when it names a collection."""
+        self._check_model(request)
+        vectors, _ = self._encode(request)
+        if request.collection:
+            self.save(request, vectors)
+        return vectors
+
+    def _check_model(self, request: EmbedRequest) -> None:
         if not self.encoder.accepts(request.model):
             raise UnknownModelError(
                 f"model {request.model!r} is not served here; this worker serves "
                 f"{self.encoder.name!r} ({self.encoder.model_id})"
             )
-        vectors, _ = self._encode(request)
-        if request.collection:
-            self.save(request, vectors)
-        return vectors
 
     def _encode(self, request: EmbedRequest) -> tuple[Embeddings, int]:
         """Vectors (and how many came from the cache) through the batcher."""
@@ -87,17 +90,19 @@ class Runtime:
         Returns counts only (never vectors).
         """
         assert request.collection is not None and request.ids is not None
+        self._check_model(request)
         stored = self.store.hashes(request.collection, request.ids)
+        hashes = [content_hash(text) for text in request.texts]
         model_id = self.encoder.model_id
         todo = [
             i
-            for i, (doc_id, text) in enumerate(zip(request.ids, request.texts, strict=True))
-            if stored.get(doc_id) != (content_hash(text), model_id)
+            for i, (doc_id, digest) in enumerate(zip(request.ids, hashes, strict=True))
+            if stored.get(doc_id) != (digest, model_id)
         ]
         subset = _subset(request, todo)
         vectors, cache_hits = self._encode(subset)
         if todo:
-            self.save(subset, vectors)
+            self.save(subset, vectors, [hashes[i] for i in todo])
         for parent, count in chunks.items():
             self.store.delete_chunks(request.collection, parent, count)
         return {
@@ -109,10 +114,12 @@ class Runtime:
             "truncated": len(vectors.truncated),
         }
 
-    def save(self, request: EmbedRequest, vectors: Embeddings) -> int:
+    def save(
+        self, request: EmbedRequest, vectors: Embeddings, hashes: list[str] | None = None
+    ) -> int:
         """Upsert the request's items; ids default to the content hash of each text."""
         assert request.collection is not None
-        hashes = [content_hash(t) for t in request.texts]
+        hashes = hashes or [content_hash(t) for t in request.texts]
         ids = request.ids or hashes
         metadata = request.metadata or [{}] * len(ids)
         cut = set(vectors.truncated)
