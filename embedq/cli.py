@@ -88,6 +88,8 @@ def ingest(
     from embedq.producer.progress import ingest_progress
     from embedq.producer.reader import count_records, read_documents
 
+    if str(path) != "-" and not path.is_file():
+        raise typer.BadParameter(f"{path} is not a readable file", param_hint="PATH")
     records = read_documents(path, fmt, id_field, text_field)
     with ingest_progress(count_records(path), enabled=not (quiet or as_json)) as on_progress:
         summary = run_ingest(

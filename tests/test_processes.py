@@ -17,7 +17,7 @@ import pytest
 
 from embedq.broker import connect
 from embedq.storage import create_store
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_pydoc
 
 BIN = Path(sys.executable).parent
 
@@ -181,6 +181,7 @@ def test_pydoc_ingest_and_search_on_postgres_through_the_cli(postgres_url, redis
     env = _env(EMBEDQ_REDIS_URL=redis_url, EMBEDQ_DATABASE_URL=postgres_url)
     collection = f"pydoc-pg-{uuid.uuid4().hex[:6]}"
     cli = str(BIN / "embedq")
+    load_pydoc()  # skips, with the reason, where the shared data is absent
     pydoc = str(ROOT.parent / "shared" / "data" / "pydoc.jsonl")
     with worker_process([cli, "worker", "--queue", "cpu"], env):
         ingested = subprocess.run(
@@ -215,3 +216,16 @@ def test_pydoc_ingest_and_search_on_postgres_through_the_cli(postgres_url, redis
     ids = [json.loads(line)["id"] for line in found.stdout.strip().splitlines()]
     assert len(ids) == 5 and any(i.startswith("json.") for i in ids), ids
     assert create_store(postgres_url).count(collection) == 3795
+
+
+def test_ingest_of_a_missing_file_is_a_clear_error(tmp_path):
+    out = subprocess.run(
+        [str(BIN / "embedq"), "ingest", str(tmp_path / "nope.jsonl"), "--collection", "c"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "is not a readable file" in out.stderr
+    assert "Traceback" not in out.stderr
