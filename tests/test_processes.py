@@ -220,7 +220,8 @@ def test_pydoc_ingest_and_search_on_postgres_through_the_cli(postgres_url, redis
 
 def test_ingest_of_a_missing_file_is_a_clear_error(tmp_path):
     out = subprocess.run(
-        [str(BIN / "embedq"), "ingest", str(tmp_path / "nope.jsonl"), "--collection", "c"],
+        [str(BIN / "embedq"), "ingest", "nope.jsonl", "--collection", "c"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
