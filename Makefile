@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean browser
 
 install: $(STAMP)
 
@@ -29,7 +29,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format embedq tests bench
 	$(VENV)/bin/ruff check --fix embedq tests bench
 
-test: lint
+# The Flower test drives Debian's chromium; installed here when missing and we may (root).
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) || \
+	  echo "chromium could not be installed: the Flower browser test will skip"
+
+test: lint browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -9,6 +9,7 @@ pipeline repeat (the worker runs with a 1-item LRU), so every text is really enc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -52,6 +53,9 @@ def main() -> None:
     model.encode(texts[:64])  # warm-up
     raw_s = median_time(lambda: model.encode(texts, normalize_embeddings=True), args.repeats)
 
+    # The raw model's threads must not compete with the worker for the same cores.
+    model = None
+    gc.collect()
     client = connect()
     chunks = [texts[i : i + args.chunk] for i in range(0, len(texts), args.chunk)]
 

@@ -184,6 +184,84 @@ def index_rebuild(
 
 
 @cli.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", envvar="EMBEDQ_JSON", help="Print JSON."),
+) -> None:
+    """One health report: workers, queues, throughput, cache, SLOs, indexes, alerts."""
+    from embedq.broker import connect
+    from embedq.settings import get_settings
+    from embedq.status import build_report, render
+    from embedq.storage import create_store
+
+    settings = get_settings()
+    store = create_store(settings.database_url)
+    try:
+        report = build_report(connect(), store, settings)
+    finally:
+        store.close()
+    print(json.dumps(report.as_dict(), indent=2) if as_json else render(report))
+
+
+@cli.command()
+def api(
+    host: str = typer.Option("127.0.0.1", envvar="EMBEDQ_API_HOST"),
+    port: int = typer.Option(8000, envvar="EMBEDQ_API_PORT"),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Serve without API keys (never on a shared network)."
+    ),
+) -> None:
+    """Serve the HTTP API (needs EMBEDQ_API_KEYS unless --insecure-no-auth)."""
+    import uvicorn
+
+    from embedq.api import create_app
+    from embedq.errors import ConfigurationError
+
+    try:
+        app = create_app(allow_anonymous=insecure_no_auth)
+    except ConfigurationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@cli.command()
+def beat(loglevel: str = typer.Option("INFO", envvar="EMBEDQ_LOGLEVEL")) -> None:
+    """Run Celery beat: rebuilds changed indexes every EMBEDQ_INDEX_REBUILD_S."""
+    from embedq.app import app
+    from embedq.settings import get_settings
+
+    data_dir = get_settings().data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    schedule = data_dir / "celerybeat-schedule"
+    app.start(["beat", "--loglevel", loglevel, "--schedule", str(schedule)])
+
+
+@cli.command()
+def flower(
+    address: str = typer.Option("127.0.0.1", envvar="EMBEDQ_FLOWER_ADDRESS"),
+    port: int = typer.Option(5555, envvar="EMBEDQ_FLOWER_PORT"),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Serve Flower without a password."
+    ),
+) -> None:
+    """Run Flower on our app, with basic auth from EMBEDQ_FLOWER_BASIC_AUTH."""
+    import os
+
+    from embedq.app import app
+    from embedq.settings import get_settings
+
+    auth = get_settings().flower_basic_auth
+    if not auth and not insecure_no_auth:
+        raise typer.BadParameter(
+            "Flower needs credentials: set EMBEDQ_FLOWER_BASIC_AUTH=user:password "
+            "(or pass --insecure-no-auth)"
+        )
+    if auth:
+        # Through the environment, so the password never shows in `ps`.
+        os.environ["FLOWER_BASIC_AUTH"] = auth
+    app.start(["flower", f"--address={address}", f"--port={port}"])
+
+
+@cli.command()
 def demo() -> None:
     """Start a CPU worker, embed a few texts, print their similarity matrix, stop the worker."""
     from embedq.demo import main as run_demo

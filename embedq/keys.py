@@ -8,6 +8,9 @@ PREFIX = "embedq"
 VECTOR_PREFIX = f"{PREFIX}:vec"
 STATS_PREFIX = f"{PREFIX}:stats"
 HEARTBEAT_PREFIX = f"{PREFIX}:hb"
+SLO_PREFIX = f"{STATS_PREFIX}:slo"
+ALIVE_PREFIX = f"{STATS_PREFIX}:alive"
+RATE_PREFIX = f"{PREFIX}:rate"
 
 
 def content_hash(text: str) -> str:
@@ -31,3 +34,18 @@ def stats_key(name: str) -> str:
 def heartbeat_key(queue: str, hostname: str) -> str:
     """Short-lived key a live worker of ``queue`` refreshes."""
     return f"{HEARTBEAT_PREFIX}:{queue}:{hostname}"
+
+
+def slo_key(minute: int) -> str:
+    """Per-minute SLO counters (a hash), summed by every worker."""
+    return f"{SLO_PREFIX}:{minute}"
+
+
+def alive_key(minute: int) -> str:
+    """Set while any worker beats in that minute."""
+    return f"{ALIVE_PREFIX}:{minute}"
+
+
+def rate_key(api_key_id: str, minute: int) -> str:
+    """The HTTP API's request counter of one key in one minute."""
+    return f"{RATE_PREFIX}:{api_key_id}:{minute}"

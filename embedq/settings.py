@@ -35,9 +35,9 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cuda, mps or cpu.")
     cpu_backend: str = Field(
-        "torch",
-        description="Encoder on CPU: torch (fp32, exact parity) or onnx-int8 (faster; "
-        "needs the onnx extra).",
+        "onnx-int8",
+        description="Encoder on a CPU device: onnx-int8 (ONNX Runtime int8, faster) or "
+        "torch (fp32, exact parity with sentence-transformers).",
     )
     default_queue: str = Field("cpu", description="Queue used when the caller names none.")
     max_memory_mb: int | None = Field(
@@ -67,6 +67,31 @@ class Settings(BaseSettings):
         300, description="Celery beat rebuilds the indexes of changed collections this often."
     )
     result_expires_s: int = Field(3600, description="How long task results stay in Redis.")
+    metrics_port: int = Field(
+        9808,
+        description="Each worker serves Prometheus metrics here (the next free port if taken; "
+        "0: off).",
+    )
+    slo_latency_ms: float = Field(
+        100.0, description="Latency objective: p95 of requests of <= 8 texts, in the worker."
+    )
+    slo_error_rate: float = Field(0.001, description="Error-rate objective (bad input excluded).")
+    slo_availability: float = Field(0.999, description="Share of minutes a worker is alive.")
+    slo_cache_hit_rate: float = Field(0.70, description="Share of texts answered by the cache.")
+    slo_window_s: int = Field(3600, description="Window over which SLIs are computed.")
+    flower_basic_auth: str | None = Field(
+        None, description="user:password[,user2:password2] that Flower requires."
+    )
+    api_keys: str | None = Field(
+        None, description="Comma-separated keys the HTTP API accepts as Bearer tokens."
+    )
+    api_rate_limit_per_min: int = Field(600, description="Requests per minute per API key.")
+    api_max_texts: int = Field(2048, description="Texts in one HTTP request, at most.")
+    api_max_text_chars: int = Field(
+        100_000, description="Characters of one text in an HTTP request, at most."
+    )
+    api_max_body_mb: float = Field(16.0, description="Size of one HTTP request body, at most.")
+    api_timeout_s: float = Field(30.0, description="How long the API waits for a worker.")
 
 
 @lru_cache(maxsize=1)

@@ -49,6 +49,8 @@ os.environ["EMBEDQ_REDIS_URL"] = _test_redis_url()
 os.environ["EMBEDQ_DATABASE_URL"] = f"sqlite:///{TMP / 'store.db'}"
 os.environ["EMBEDQ_MAX_TEXTS_PER_TASK"] = "1000"
 os.environ["EMBEDQ_DATA_DIR"] = str(TMP / "data")
+# fp32 torch, so vectors can be compared exactly with raw encode; test_onnx covers int8.
+os.environ["EMBEDQ_CPU_BACKEND"] = "torch"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -73,7 +75,12 @@ def celery_worker(redis_client: Any) -> Iterator[Any]:
 
     get_runtime()  # load the model before the worker takes tasks
     with start_worker(
-        app, pool="threads", concurrency=32, perform_ping_check=False, shutdown_timeout=30
+        app,
+        pool="threads",
+        concurrency=32,
+        perform_ping_check=False,
+        shutdown_timeout=30,
+        task_events=True,  # for the Flower test (a real worker gets them from Flower)
     ) as worker:
         # Celery's test worker skips what its full worker app sends when ready.
         worker_ready.send(sender=worker.consumer)

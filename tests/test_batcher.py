@@ -47,6 +47,7 @@ class FakeEncoder:
 
     dim = 2
     model_id = "fake@0"
+    device = "cpu"
     max_seq_tokens = 512
     max_batch_tokens = 1024
 
@@ -92,7 +93,7 @@ def test_a_poisonous_text_fails_alone():
 def test_on_batch_reports_padded_cost():
     seen: list[tuple[int, int]] = []
     tok = Tokenized([[1] * 4, [2] * 2, [3] * 1], np.zeros(3, dtype=bool))
-    encode_all(FakeEncoder(), tok, True, 100, 10, on_batch=lambda n, p: seen.append((n, p)))
+    encode_all(FakeEncoder(), tok, True, 100, 10, on_batch=lambda n, p, _t, _s: seen.append((n, p)))
     assert seen == [(3, 12)]
 
 

@@ -47,14 +47,14 @@ def other_db(redis_client):
     client.flushdb()
 
 
-def test_heartbeats_drive_the_choice(other_db):
-    cpu = Heartbeat(other_db, ["cpu"], "cpu@host", "cpu", lambda: 0)
+def test_heartbeats_drive_the_choice(other_db, runtime):
+    cpu = Heartbeat(other_db, ["cpu"], "cpu@host", runtime.encoder, lambda: 0)
     cpu.beat()
     assert other_db.ttl(heartbeat_key("cpu", "cpu@host")) <= TTL_S
     assert decide(1000, read_states(other_db)) == ("cpu", "no_gpu_worker")
 
     encoded = iter([0, 6000])
-    gpu = Heartbeat(other_db, ["gpu"], "gpu@host", "cpu", lambda: next(encoded))
+    gpu = Heartbeat(other_db, ["gpu"], "gpu@host", runtime.encoder, lambda: next(encoded))
     time.sleep(0.05)
     gpu.beat()
     states = read_states(other_db)

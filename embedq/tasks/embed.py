@@ -26,6 +26,9 @@ def redact(args: Any, kwargs: dict[str, Any] | None) -> tuple[str, str]:
 class EmbedTask(Task):
     """Keeps document text out of ``argsrepr``/``kwargsrepr``."""
 
+    # Results are vectors: logs and Flower get a short preview, not thousands of floats.
+    resultrepr_maxsize = 120
+
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Publish with redacted argument reprs (see :func:`redact`)."""
         argsrepr, kwargsrepr = redact(args, kwargs)

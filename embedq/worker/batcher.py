@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedq import metrics
 from embedq.errors import EncoderError
 from embedq.keys import vector_key
 from embedq.worker.cache import Cache, pack_vector, unpack_vector
@@ -66,7 +67,7 @@ class BatcherStats:
     splits: int = 0
     failed_texts: int = 0
 
-    def record_batch(self, count: int, padded: int) -> None:
+    def record_batch(self, count: int, padded: int, tokens: int = 0, seconds: float = 0.0) -> None:
         """Count one encoded batch of ``count`` texts costing ``padded`` tokens."""
         self.batches += 1
         self.texts_encoded += count
@@ -80,7 +81,7 @@ def encode_all(
     normalize: bool,
     max_tokens: int,
     max_items: int,
-    on_batch: Callable[[int, int], None] | None = None,
+    on_batch: Callable[[int, int, int, float], None] | None = None,
 ) -> Encoded:
     """Encode every tokenized text in packed batches, splitting any batch that fails."""
     out = Encoded(np.zeros((len(tok.ids), encoder.dim), dtype=np.float32))
@@ -97,8 +98,9 @@ def _encode_split(
     positions: np.ndarray,
     normalize: bool,
     out: Encoded,
-    on_batch: Callable[[int, int], None] | None,
+    on_batch: Callable[[int, int, int, float], None] | None,
 ) -> None:
+    start = time.perf_counter()
     try:
         out.vectors[positions] = encoder.embed_ids([tok.ids[i] for i in positions], normalize)
     except Exception as exc:
@@ -109,13 +111,16 @@ def _encode_split(
         # Halving isolates both out-of-memory batches and a single poisonous text.
         kind = "out of memory" if is_out_of_memory(exc) else type(exc).__name__
         log.warning("batch of %d failed (%s): splitting it in half", len(positions), kind)
+        metrics.SPLITS.inc()
         _free_device_memory()
         half = len(positions) // 2
         for part in (positions[:half], positions[half:]):
             _encode_split(encoder, tok, lengths, part, normalize, out, on_batch)
         return
     if on_batch is not None:
-        on_batch(len(positions), int(lengths[positions].max()) * len(positions))
+        batch = lengths[positions]
+        seconds = time.perf_counter() - start
+        on_batch(len(positions), int(batch.max()) * len(positions), int(batch.sum()), seconds)
 
 
 def _free_device_memory() -> None:
@@ -176,6 +181,14 @@ class Batcher:
         """Finish what is queued, then stop the thread."""
         self._queue.put(None)
         self._thread.join(timeout_s)
+
+    def _record_batch(self, count: int, padded: int, tokens: int, seconds: float) -> None:
+        self.stats.record_batch(count, padded, tokens, seconds)
+        metrics.TEXTS.labels(self.encoder.device).inc(count)
+        metrics.TOKENS.labels(self.encoder.device).inc(tokens)
+        metrics.BATCH_SIZE.observe(count)
+        metrics.BATCH_TOKENS.observe(padded)
+        metrics.ENCODE_SECONDS.observe(seconds)
 
     def _run(self) -> None:
         while (group := self._collect()) is not None:
@@ -240,7 +253,7 @@ class Batcher:
             normalize,
             self.max_batch_tokens,
             self.max_batch_size,
-            on_batch=self.stats.record_batch,
+            on_batch=self._record_batch,
         )
         vectors[misses], truncated[misses] = enc.vectors, tok.truncated
         self.stats.failed_texts += len(enc.failed)

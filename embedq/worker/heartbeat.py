@@ -8,15 +8,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from embedq import slo
 from embedq.keys import heartbeat_key
+
+if TYPE_CHECKING:
+    from embedq.worker.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
 INTERVAL_S = 2.0
 TTL_S = 10
+# Alive marks outlive the longest SLO window anyone is likely to set.
+ALIVE_TTL_S = 8 * 24 * 3600
 
 
 class Heartbeat:
@@ -27,13 +34,22 @@ class Heartbeat:
         client: redis.Redis,
         queues: Sequence[str],
         hostname: str,
-        device: str,
+        encoder: Encoder,
         texts_encoded: Callable[[], int],
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
         self.queues = list(queues)
         self.hostname = hostname
-        self.device = device
+        self.device = encoder.device
+        # What status, the API's /metadata and the router read about this worker.
+        self.about = {
+            "model": encoder.name,
+            "model_id": encoder.model_id,
+            "dim": encoder.dim,
+            "max_batch_tokens": encoder.max_batch_tokens,
+            **(extra or {}),
+        }
         self.texts_encoded = texts_encoded
         self.texts_per_s: float | None = None
         self._last = (time.monotonic(), texts_encoded())
@@ -70,9 +86,16 @@ class Heartbeat:
             )
         self._last = (now, count)
         payload = json.dumps(
-            {"hostname": self.hostname, "device": self.device, "texts_per_s": self.texts_per_s}
+            {
+                "hostname": self.hostname,
+                "device": self.device,
+                "texts_per_s": self.texts_per_s,
+                "texts_encoded": count,
+                **self.about,
+            }
         )
         pipe = self.client.pipeline(transaction=False)
         for queue in self.queues:
             pipe.set(heartbeat_key(queue, self.hostname), payload, ex=TTL_S)
+        slo.mark_alive(self.client, ALIVE_TTL_S, pipeline=pipe)
         pipe.execute()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,10 @@ try:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
 except ImportError as exc:  # pragma: no cover - depends on the extra
-    raise ImportError("the onnx-int8 backend needs: pip install 'embedq[onnx]'") from exc
+    raise ImportError(
+        "the onnx-int8 backend needs onnx and onnxruntime (installed with embedq); "
+        "or set EMBEDQ_CPU_BACKEND=torch"
+    ) from exc
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +65,34 @@ def _check_pooling(source: TorchEncoder) -> None:
         )
 
 
-def export_int8(source: TorchEncoder, folder: Path) -> Path:
-    """Export, fuse and quantize ``source``'s model into ``folder``; returns the int8 file."""
-    final = folder / "model.int8.onnx"
-    if final.exists():
-        return final
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    example = torch.ones((2, 16), dtype=torch.int64)
-    wrapped = _MeanPooled(source.model[0].auto_model.eval())
+def _export_fp32(wrapped: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     torch.onnx.export(
         wrapped,
         (example, example),
-        str(tmp / "fp32.onnx"),
+        str(path),
         input_names=["input_ids", "attention_mask"],
         output_names=["embedding"],
         dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
         opset_version=17,
         dynamo=False,
     )
+
+
+def export_int8(source: TorchEncoder, folder: Path) -> Path:
+    """Export, fuse and quantize ``source``'s model into ``folder``; returns the int8 file."""
+    final = folder / "model.int8.onnx"
+    if final.exists():
+        return final
+    log.info("exporting %s to int8 ONNX (once per host) into %s", source.model_id, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    example = torch.ones((2, 16), dtype=torch.int64)
+    wrapped = _MeanPooled(source.model[0].auto_model.eval())
+    # The tracer warns about shapes it fixes; the dynamic axes below keep what matters.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _export_fp32(wrapped, example, tmp / "fp32.onnx")
     cfg = source.model[0].auto_model.config
     fused = optimizer.optimize_model(
         str(tmp / "fp32.onnx"),

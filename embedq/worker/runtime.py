@@ -9,7 +9,9 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import redis
 
+from embedq import metrics, slo
 from embedq.broker import connect
 from embedq.codec import Embeddings
 from embedq.errors import EncoderError, UnknownModelError
@@ -73,6 +75,7 @@ class Runtime:
         except FutureTimeout as exc:
             raise EncoderError("timed out waiting for the encoder") from exc
         truncated = sorted(set(result.truncated) | set(request.clipped))
+        self._count(len(request.texts), result.cache_hits, len(truncated))
         if truncated:
             log.info(
                 "%d of %d texts were truncated to the model's %d tokens (positions %s)",
@@ -82,6 +85,15 @@ class Runtime:
                 truncated[:10],
             )
         return Embeddings(result.vectors, truncated), result.cache_hits
+
+    def _count(self, texts: int, hits: int, truncated: int) -> None:
+        metrics.CACHE.labels("hit").inc(hits)
+        metrics.CACHE.labels("miss").inc(texts - hits)
+        metrics.TRUNCATED.inc(truncated)
+        try:
+            slo.record_cache(self.cache.client, hits, texts - hits, slo_ttl_s(self.settings))
+        except redis.RedisError as exc:
+            log.warning("could not count cache answers: %s", exc)
 
     def ingest(self, request: EmbedRequest, chunks: dict[str, int]) -> dict[str, int]:
         """Store documents, skipping those stored with the same content hash and model.
@@ -163,6 +175,11 @@ def _subset(request: EmbedRequest, keep: list[int]) -> EmbedRequest:
         positions=pick(request.positions),
         clipped=tuple(position[i] for i in request.clipped if i in position),
     )
+
+
+def slo_ttl_s(settings: Settings) -> int:
+    """How long SLO counters stay in Redis: the window, plus an hour."""
+    return settings.slo_window_s + 3600
 
 
 _lock = threading.Lock()

@@ -5,13 +5,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
+from embedq import metrics, slo
 from embedq.broker import shared_client
+from embedq.errors import InvalidInputError, UnknownModelError
+from embedq.settings import get_settings
 from embedq.worker.heartbeat import Heartbeat
-from embedq.worker.runtime import close_runtime, get_runtime
+from embedq.worker.runtime import close_runtime, get_runtime, slo_ttl_s
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +49,14 @@ def _load_or_stop() -> bool:
 def _start_heartbeat(consumer: Any) -> None:
     runtime = get_runtime()
     queues = [q.name for q in consumer.task_consumer.queues]
+    port = metrics.serve(shared_client(), runtime.settings)
     beat = Heartbeat(
         shared_client(),
         queues,
         consumer.hostname,
-        runtime.encoder.device,
+        runtime.encoder,
         lambda: runtime.batcher.stats.texts_encoded,
+        extra={"metrics_port": port, "pid": os.getpid()},
     )
     beat.start()
     _heartbeats.append(beat)
@@ -68,3 +80,56 @@ def _shut_down(**_: Any) -> None:
     while _heartbeats:
         _heartbeats.pop().stop()
     close_runtime()
+
+
+# Errors that are the caller's: counted by kind, but not against the error-rate SLO.
+INPUT_ERRORS = (InvalidInputError, UnknownModelError)
+COUNTED_TASKS = frozenset({"embedq.embed_texts", "embedq.ingest_documents"})
+_started: dict[str, float] = {}
+
+
+@task_prerun.connect
+def _task_started(task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        _started[task_id] = time.perf_counter()
+
+
+@task_postrun.connect
+def _task_finished(
+    task_id: str | None = None,
+    task: Any = None,
+    args: Any = None,
+    kwargs: Any = None,
+    retval: Any = None,
+    state: str | None = None,
+    **_: Any,
+) -> None:
+    start = _started.pop(task_id or "", None)
+    if start is None or task is None:
+        return
+    seconds = time.perf_counter() - start
+    metrics.TASK_SECONDS.labels(task.name).observe(seconds)
+    if isinstance(retval, BaseException):
+        metrics.ERRORS.labels(type(retval).__name__).inc()
+    if task.name in COUNTED_TASKS:
+        _count_request(args, kwargs, seconds, state == "FAILURE" and not _is_input(retval))
+
+
+def _is_input(error: Any) -> bool:
+    return isinstance(error, INPUT_ERRORS)
+
+
+def _count_request(args: Any, kwargs: Any, seconds: float, failed: bool) -> None:
+    items = next((a for a in (*(args or ()), *(kwargs or {}).values()) if isinstance(a, list)), [])
+    settings = get_settings()
+    try:
+        slo.record_request(
+            shared_client(),
+            texts=len(items),
+            failed=failed,
+            seconds=seconds,
+            latency_target_s=settings.slo_latency_ms / 1000,
+            ttl_s=slo_ttl_s(settings),
+        )
+    except Exception as exc:  # counting must never fail a task
+        log.warning("could not count the request: %s", exc)

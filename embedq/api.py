@@ -1,0 +1,359 @@
+"""The HTTP API (FastAPI): ``embedq api``. It enqueues through Celery and waits for the result.
+
+Endpoints: ``POST /embed``, ``POST /v1/embeddings`` (OpenAI request/response shape),
+``POST /search``, ``GET /health``, ``GET /metadata``; the schema at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import time
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedq.app import QUEUES
+from embedq.broker import shared_client
+from embedq.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    EmbedqError,
+    InvalidInputError,
+    TooManyTextsError,
+    UnknownCollectionError,
+    UnknownModelError,
+)
+from embedq.keys import rate_key
+from embedq.settings import Settings, get_settings
+from embedq.status import read_workers
+
+log = logging.getLogger(__name__)
+
+
+# Optional here, so a missing key gets our 401 message rather than FastAPI's 403.
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+
+
+class ApiError(Exception):
+    """An error with its HTTP status; rendered as ``{"error": {...}}``."""
+
+    def __init__(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+
+
+STATUS_OF: list[tuple[type[Exception], int]] = [
+    (TooManyTextsError, 413),
+    (InvalidInputError, 422),
+    (UnknownModelError, 404),
+    (UnknownCollectionError, 404),
+    (BrokerUnavailableError, 503),
+    (redis.ConnectionError, 503),
+    (CeleryTimeout, 504),
+    (EmbedqError, 502),
+]
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None):
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class EmbedBody(BaseModel):
+    """``POST /embed``."""
+
+    texts: list[str] = Field(..., description="Texts to embed, in order.")
+    normalize: bool = True
+    model: str | None = None
+    queue: Literal["cpu", "gpu"] | None = Field(None, description="Default: the router picks.")
+
+
+class EmbedResponse(BaseModel):
+    """Vectors in input order; ``truncated`` lists positions cut to the model's max tokens."""
+
+    model: str
+    dim: int
+    vectors: list[list[float]]
+    truncated: list[int]
+
+
+class OpenAIBody(BaseModel):
+    """``POST /v1/embeddings``, as OpenAI's API takes it (token arrays are not accepted)."""
+
+    input: str | list[str]
+    model: str = "all-MiniLM-L6-v2"
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class SearchBody(BaseModel):
+    """``POST /search``."""
+
+    query: str
+    collection: str = Field(..., min_length=1)
+    k: int = Field(10, ge=1, le=1000)
+    where: dict[str, Any] | None = None
+    parents: bool = False
+
+
+class BodyLimit:
+    """Answers 413 for a body over ``max_bytes``, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        mb = self.max_bytes / 2**20
+        message = f"request body over {mb:g} MB (EMBEDQ_API_MAX_BODY_MB)"
+        await _error(413, message, "RequestTooLarge")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Service:
+    """What the endpoints share: settings, auth, rate limit, the Celery round trip."""
+
+    def __init__(self, settings: Settings, allow_anonymous: bool) -> None:
+        keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
+        if not keys and not allow_anonymous:
+            raise ConfigurationError(
+                "the API needs keys: set EMBEDQ_API_KEYS (or pass --insecure-no-auth)"
+            )
+        self.settings = settings
+        self.keys = [k.encode() for k in keys]
+
+    def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> str:
+        """The caller's key id (a hash; keys are never logged), or 401."""
+        if not self.keys:
+            return "anonymous"
+        given = (credentials.credentials if credentials else "").encode()
+        # Every key is compared, in constant time, so timing tells nothing.
+        matches = [hmac.compare_digest(given, key) for key in self.keys]
+        if not any(matches):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", "Auth")
+        return hashlib.sha256(given).hexdigest()[:12]
+
+    def limit_rate(self, key_id: str) -> None:
+        """Count this request against the key's per-minute budget; 429 when spent."""
+        now = time.time()
+        key = rate_key(key_id, int(now // 60))
+        pipe = shared_client().pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        count = pipe.execute()[0]
+        if count > self.settings.api_rate_limit_per_min:
+            retry = str(int(60 - now % 60) + 1)
+            message = (
+                f"rate limit of {self.settings.api_rate_limit_per_min} requests per minute "
+                "(EMBEDQ_API_RATE_LIMIT_PER_MIN) reached"
+            )
+            raise ApiError(429, message, "RateLimited", {"Retry-After": retry})
+
+    def check_texts(self, texts: list[str]) -> None:
+        """413 naming the limit when there are too many texts or one is too long."""
+        if len(texts) > self.settings.api_max_texts:
+            raise ApiError(
+                413,
+                f"{len(texts)} texts in one request; at most {self.settings.api_max_texts} "
+                "(EMBEDQ_API_MAX_TEXTS)",
+                "TooManyTexts",
+            )
+        longest = max((len(t) for t in texts), default=0)
+        if longest > self.settings.api_max_text_chars:
+            raise ApiError(
+                413,
+                f"a text of {longest} characters; at most {self.settings.api_max_text_chars} "
+                "(EMBEDQ_API_MAX_TEXT_CHARS)",
+                "TextTooLong",
+            )
+
+    def require_worker(self) -> list[dict[str, Any]]:
+        """Live workers, or 503 (a task would only wait in the queue)."""
+        workers = [w for beats in read_workers(shared_client()).values() for w in beats]
+        if not workers:
+            raise ApiError(503, "no embedq worker is alive; start `embedq worker`", "NoWorker")
+        return workers
+
+    def embed(self, texts: list[str], model: str | None, normalize: bool, queue: str | None):
+        """Vectors through Celery, waiting at most ``api_timeout_s``."""
+        from embedq.tasks import embed_texts
+
+        self.check_texts(texts)
+        self.require_worker()
+        options = {"queue": queue} if queue else {}
+        result = embed_texts.apply_async((texts, model, normalize), **options)
+        try:
+            return result.get(timeout=self.settings.api_timeout_s)
+        except CeleryTimeout as exc:
+            raise ApiError(
+                504,
+                f"no result within {self.settings.api_timeout_s:g} s (EMBEDQ_API_TIMEOUT_S)",
+                "Timeout",
+            ) from exc
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        """For OpenAI's ``usage`` counts: the served model's tokenizer, loaded once."""
+        from transformers import AutoTokenizer
+
+        from embedq.worker.encoder import resolve_model_path
+
+        return AutoTokenizer.from_pretrained(str(resolve_model_path(self.settings.model)))
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model sees (special tokens included, cut at its max)."""
+        if not texts:
+            return 0
+        ids = self.tokenizer(texts, truncation=True, add_special_tokens=True)["input_ids"]
+        return sum(len(x) for x in ids)
+
+
+def create_app(settings: Settings | None = None, allow_anonymous: bool = False) -> FastAPI:
+    """The FastAPI application; refuses to build without API keys unless told."""
+    service = Service(settings or get_settings(), allow_anonymous)
+    api = FastAPI(title="embedq", version="0.1.0", description=__doc__)
+    _install_errors(api)
+
+    def caller(credentials: Credentials) -> str:
+        key_id = service.authenticate(credentials)
+        service.limit_rate(key_id)
+        return key_id
+
+    @api.post("/embed", response_model=EmbedResponse)
+    def embed(body: EmbedBody, _: str = Depends(caller)) -> EmbedResponse:
+        """Embed ``texts``; vectors in input order."""
+        vectors = service.embed(body.texts, body.model, body.normalize, body.queue)
+        return EmbedResponse(
+            model=body.model or service.settings.model,
+            dim=int(vectors.shape[1]),
+            vectors=np.asarray(vectors).tolist(),
+            truncated=list(vectors.truncated),
+        )
+
+    @api.post("/v1/embeddings")
+    def openai_embeddings(body: OpenAIBody, _: str = Depends(caller)) -> dict[str, Any]:
+        """OpenAI-compatible embeddings (``encoding_format`` float or base64)."""
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        vectors = np.asarray(service.embed(texts, body.model, True, None), dtype=np.float32)
+        if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+            raise ApiError(
+                422,
+                f"dimensions={body.dimensions}: this model only gives {vectors.shape[1]}",
+                "InvalidInputError",
+            )
+        tokens = service.count_tokens(texts)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                for i, v in enumerate(vectors)
+            ],
+            "model": body.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    @api.post("/search")
+    def search(body: SearchBody, _: str = Depends(caller)) -> dict[str, Any]:
+        """The ``k`` items of ``collection`` nearest to ``query``."""
+        from embedq.searcher import search as run_search
+
+        service.check_texts([body.query])
+        service.require_worker()
+        hits = run_search(
+            body.query, body.collection, k=body.k, where=body.where, parents=body.parents
+        )
+        return {"hits": [hit.__dict__ for hit in hits]}
+
+    @api.get("/health")
+    def health() -> JSONResponse:
+        """200 when a worker is alive (ready), else 503."""
+        try:
+            workers = service.require_worker()
+        except ApiError as exc:
+            return _error(exc.status, exc.message, exc.kind)
+        return JSONResponse({"status": "ready", "workers": len(workers)})
+
+    @api.get("/metadata")
+    def metadata(_: str = Depends(caller)) -> dict[str, Any]:
+        """Model, dimension, queues and the devices of live workers."""
+        workers = read_workers(shared_client())
+        beats = [w for ws in workers.values() for w in ws]
+        return {
+            "model": service.settings.model,
+            "model_ids": sorted({w.get("model_id") for w in beats if w.get("model_id")}),
+            "dim": next((w["dim"] for w in beats if w.get("dim")), None),
+            "queues": {q: len(workers.get(q, [])) for q in QUEUES},
+            "devices": sorted({w["device"] for w in beats}),
+            "limits": {
+                "max_texts": service.settings.api_max_texts,
+                "max_text_chars": service.settings.api_max_text_chars,
+                "max_body_mb": service.settings.api_max_body_mb,
+                "rate_limit_per_min": service.settings.api_rate_limit_per_min,
+            },
+        }
+
+    api.add_middleware(BodyLimit, max_bytes=int(service.settings.api_max_body_mb * 2**20))
+    return api
+
+
+def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def _install_errors(api: FastAPI) -> None:
+    @api.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.kind, exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}", "InvalidInputError")
+
+    async def known(_: Request, exc: Exception) -> JSONResponse:
+        status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))
+        return _error(status, str(exc), type(exc).__name__)
+
+    # One handler per known class (Starlette picks the closest by MRO); others are 500s.
+    for kind, _status in STATUS_OF:
+        api.add_exception_handler(kind, known)

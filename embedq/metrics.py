@@ -1,0 +1,140 @@
+"""Prometheus metrics of a worker, served on ``EMBEDQ_METRICS_PORT`` (one port per worker).
+
+Counters and histograms live in the worker process. Cluster-wide figures that Redis holds
+(queue depth, router decisions, SLOs) are read at scrape time by :class:`RedisCollector`.
+With ``PROMETHEUS_MULTIPROC_DIR`` set (prefork pools), every child writes its own files and
+the port serves their sum (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import redis
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import REGISTRY, Collector
+
+from embedq.app import QUEUES
+from embedq.keys import stats_key
+from embedq.settings import Settings
+from embedq.slo import evaluate, read_usage
+
+log = logging.getLogger(__name__)
+
+PORT_TRIES = 16
+
+TEXTS = Counter("embedq_texts_embedded", "Texts encoded by the model (cache misses)", ["device"])
+TOKENS = Counter("embedq_tokens", "Real (unpadded) tokens encoded", ["device"])
+BATCH_SIZE = Histogram(
+    "embedq_batch_size", "Texts per encoded batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+BATCH_TOKENS = Histogram(
+    "embedq_batch_tokens",
+    "Padded tokens (longest x count) per encoded batch",
+    buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+)
+ENCODE_SECONDS = Histogram(
+    "embedq_encode_seconds",
+    "Model time of one batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+TASK_SECONDS = Histogram(
+    "embedq_task_seconds",
+    "Time of one task in the worker",
+    ["task"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+CACHE = Counter("embedq_cache_lookups", "Cache lookups by outcome", ["outcome"])
+TRUNCATED = Counter("embedq_truncated_inputs", "Texts cut to the model's max tokens")
+ERRORS = Counter("embedq_errors", "Failed tasks by error kind", ["kind"])
+SPLITS = Counter("embedq_batch_splits", "Batches split after a failure (e.g. OOM)")
+
+
+class RedisCollector(Collector):
+    """Gauges read from Redis at scrape time: queue depth, router decisions, SLOs, GPU memory."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One scrape's worth of cluster-wide gauges (skipped if Redis does not answer)."""
+        try:
+            yield from self._queues()
+            yield from self._router()
+            yield from self._slos()
+        except redis.RedisError as exc:
+            log.warning("metrics: Redis did not answer: %s", exc)
+        yield from _gpu_memory()
+
+    def _queues(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("embedq_queue_depth", "Tasks waiting per queue", labels=["queue"])
+        for queue in QUEUES:
+            depth.add_metric([queue], int(self.client.llen(queue)))
+        yield depth
+
+    def _router(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "embedq_router_decisions",
+            "Routing decisions by queue and reason (all producers, since Redis started)",
+            labels=["queue", "reason"],
+        )
+        for field, value in self.client.hgetall(stats_key("router")).items():
+            queue, _, reason = field.decode().partition(":")
+            family.add_metric([queue, reason], int(value))
+        yield family
+
+    def _slos(self) -> Iterator[GaugeMetricFamily]:
+        usage = read_usage(self.client, self.settings.slo_window_s)
+        sli = GaugeMetricFamily("embedq_slo_sli", "Current SLI over the window", labels=["slo"])
+        target = GaugeMetricFamily("embedq_slo_objective", "SLO target", labels=["slo"])
+        budget = GaugeMetricFamily(
+            "embedq_slo_error_budget_remaining", "Share of error budget left", labels=["slo"]
+        )
+        for slo in evaluate(usage, self.settings):
+            target.add_metric([slo.name], slo.objective)
+            if slo.sli is not None:
+                sli.add_metric([slo.name], slo.sli)
+                budget.add_metric([slo.name], slo.budget_remaining or 0.0)
+        yield from (sli, target, budget)
+
+
+def _gpu_memory() -> Iterator[GaugeMetricFamily]:
+    family = GaugeMetricFamily("embedq_gpu_memory_bytes", "CUDA memory in use", labels=["device"])
+    try:
+        import torch
+
+        for i in range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0):
+            family.add_metric([f"cuda:{i}"], torch.cuda.memory_allocated(i))
+    except ImportError:  # pragma: no cover
+        pass
+    yield family
+
+
+def serve(client: redis.Redis, settings: Settings) -> int | None:
+    """Serve this worker's metrics on the first free port from the setting; returns it."""
+    if not settings.metrics_port:
+        return None
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    registry.register(RedisCollector(client, settings))
+    for port in range(settings.metrics_port, settings.metrics_port + PORT_TRIES):
+        try:
+            start_http_server(port, registry=registry)
+        except OSError:
+            continue
+        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+        return port
+    log.warning("no free metrics port in %d..+%d", settings.metrics_port, PORT_TRIES)
+    return None

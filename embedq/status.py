@@ -1,0 +1,170 @@
+"""``embedq status``: one health report for a person (and ``--json`` for a program)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from embedq.app import QUEUES
+from embedq.errors import StoreError
+from embedq.indexes import blob_name
+from embedq.keys import HEARTBEAT_PREFIX
+from embedq.settings import Settings
+from embedq.slo import evaluate, read_usage
+from embedq.storage import Store
+
+# An index this far behind its collection's last write is reported as stale.
+STALE_INDEX_S = 2
+
+
+@dataclass
+class Report:
+    """Everything ``embedq status`` shows."""
+
+    workers: dict[str, list[dict[str, Any]]]
+    queue_depths: dict[str, int]
+    texts_last_minute: int
+    requests_last_minute: int
+    cache_hit_rate: float | None
+    slos: list[dict[str, Any]]
+    indexes: list[dict[str, Any]]
+    alerts: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dict(self.__dict__)
+
+
+def read_workers(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
+    """Live workers per queue, from their heartbeats."""
+    workers: dict[str, list[dict[str, Any]]] = {q: [] for q in QUEUES}
+    keys = sorted(client.scan_iter(f"{HEARTBEAT_PREFIX}:*", count=1000))
+    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
+        if raw:
+            workers.setdefault(key.decode().split(":")[2], []).append(json.loads(raw))
+    return workers
+
+
+def read_indexes(store: Store, settings: Settings) -> list[dict[str, Any]]:
+    """Per collection: items, last write, the published index and how far behind it is."""
+    out = []
+    for state in store.states():
+        published = store.blob_version(blob_name(state.collection))
+        meta = published[1] if published else {}
+        built = datetime.fromisoformat(meta["built_at"]) if meta.get("built_at") else None
+        lag = (state.updated_at - built).total_seconds() if built and state.updated_at else None
+        out.append(
+            {
+                "collection": state.collection,
+                "items": state.count,
+                "last_write": state.updated_at.isoformat() if state.updated_at else None,
+                "index_version": published[0] if published else None,
+                "index_items": meta.get("count"),
+                "index_built_at": meta.get("built_at"),
+                "fresh": meta.get("state") == state.token,
+                "behind_s": round(max(lag, 0.0), 1) if lag is not None else None,
+            }
+        )
+    return out
+
+
+def build_report(client: redis.Redis, store: Store | None, settings: Settings) -> Report:
+    """Read heartbeats, queues, counters and the store into one report with alerts."""
+    workers = read_workers(client)
+    depths = {q: int(client.llen(q)) for q in QUEUES}
+    now = datetime.now(UTC).timestamp()
+    last = read_usage(client, 60, now - 60)
+    usage = read_usage(client, settings.slo_window_s, now)
+    lookups = usage.cache_hits + usage.cache_misses
+    slos = [s.as_dict() for s in evaluate(usage, settings)]
+    try:
+        indexes = read_indexes(store, settings) if store is not None else []
+        store_error = None
+    except StoreError as exc:
+        indexes, store_error = [], str(exc)
+    report = Report(
+        workers=workers,
+        queue_depths=depths,
+        texts_last_minute=last.texts,
+        requests_last_minute=last.requests,
+        cache_hit_rate=round(usage.cache_hits / lookups, 4) if lookups else None,
+        slos=slos,
+        indexes=indexes,
+    )
+    report.alerts = alerts(report, settings, store_error)
+    return report
+
+
+def alerts(report: Report, settings: Settings, store_error: str | None = None) -> list[str]:
+    """Plain-language problems, each with what to do about it."""
+    out = []
+    if not any(report.workers.values()):
+        out.append("no worker alive on any queue: tasks wait in Redis; start `embedq worker`")
+    elif not report.workers.get("gpu"):
+        out.append("no gpu worker alive: gpu traffic is falling back to cpu")
+    if report.workers.get("gpu") and not report.workers.get("cpu"):
+        out.append("no cpu worker alive: small requests go to the gpu queue")
+    for queue, depth in report.queue_depths.items():
+        if depth and not report.workers.get(queue):
+            out.append(f"{depth} tasks wait on '{queue}' and no worker consumes it")
+    for slo in report.slos:
+        if slo["violated"]:
+            out.append(
+                f"SLO {slo['name']} violated: {slo['sli']:.4f} < {slo['objective']} "
+                f"({slo['description']}); error budget left {slo['budget_remaining']:.0%}"
+            )
+    for index in report.indexes:
+        if index["index_version"] is None:
+            out.append(
+                f"collection '{index['collection']}' has no index yet: searches scan exactly; "
+                "run `embedq index rebuild` or start `celery -A embedq.app beat`"
+            )
+        elif (index["behind_s"] or 0) > max(STALE_INDEX_S, 2 * settings.index_rebuild_s):
+            out.append(
+                f"index of '{index['collection']}' is {index['behind_s']:.0f} s behind its "
+                "writes: is celery beat running?"
+            )
+    if store_error:
+        out.append(f"the store did not answer: {store_error}")
+    return out
+
+
+def render(report: Report) -> str:
+    """The report as text for a terminal."""
+    lines = ["workers:"]
+    for queue in sorted(report.workers):
+        beats = report.workers[queue]
+        lines.append(f"  {queue}: {len(beats)} alive")
+        for b in beats:
+            speed = f"{b['texts_per_s']:.0f} texts/s" if b.get("texts_per_s") else "idle"
+            port = f", metrics :{b['metrics_port']}" if b.get("metrics_port") else ""
+            lines.append(f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}")
+    depths = ", ".join(f"{q} {d}" for q, d in report.queue_depths.items())
+    lines.append(f"queues: {depths}")
+    lines.append(
+        f"last minute: {report.requests_last_minute} requests, {report.texts_last_minute} texts"
+    )
+    rate = report.cache_hit_rate
+    lines.append(f"cache hit rate: {'-' if rate is None else f'{rate:.1%}'}")
+    lines.append("SLOs:")
+    for slo in report.slos:
+        sli = "no data" if slo["sli"] is None else f"{slo['sli']:.4f}"
+        mark = "VIOLATED" if slo["violated"] else "ok"
+        left = slo["budget_remaining"]
+        budget = "" if left is None else f", budget {left:.0%}"
+        lines.append(f"  {slo['name']}: {sli} (objective {slo['objective']}){budget} {mark}")
+    lines.append("indexes:")
+    for index in report.indexes:
+        if index["index_version"] is None:
+            state = "no index"
+        else:
+            behind = "fresh" if index["fresh"] else f"behind {index['behind_s']} s"
+            state = f"index v{index['index_version']}, {behind}"
+        lines.append(f"  {index['collection']}: {index['items']} items, {state}")
+    lines.append("alerts:" if report.alerts else "alerts: none")
+    lines.extend(f"  ! {alert}" for alert in report.alerts)
+    return "\n".join(lines)
