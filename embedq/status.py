@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -12,10 +11,10 @@ import redis
 from embedq.app import QUEUES
 from embedq.errors import StoreError
 from embedq.indexes import blob_name
-from embedq.keys import HEARTBEAT_PREFIX
 from embedq.settings import Settings
 from embedq.slo import evaluate, read_usage
 from embedq.storage import Store
+from embedq.worker.heartbeat import read_heartbeats
 
 # An index this far behind its collection's last write is reported as stale.
 STALE_INDEX_S = 2
@@ -41,12 +40,7 @@ class Report:
 
 def read_workers(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
     """Live workers per queue, from their heartbeats."""
-    workers: dict[str, list[dict[str, Any]]] = {q: [] for q in QUEUES}
-    keys = sorted(client.scan_iter(f"{HEARTBEAT_PREFIX}:*", count=1000))
-    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
-        if raw:
-            workers.setdefault(key.decode().split(":")[2], []).append(json.loads(raw))
-    return workers
+    return {q: [] for q in QUEUES} | read_heartbeats(client)
 
 
 def read_indexes(store: Store, settings: Settings) -> list[dict[str, Any]]:

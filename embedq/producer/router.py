@@ -9,7 +9,6 @@ gpu for bulk work). Every decision is counted with its reason in Redis.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -20,8 +19,9 @@ from typing import Any
 import redis
 
 from embedq.broker import shared_client
-from embedq.keys import HEARTBEAT_PREFIX, stats_key
+from embedq.keys import stats_key
 from embedq.settings import get_settings
+from embedq.worker.heartbeat import read_heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,8 @@ def decide(n_texts: int, states: dict[str, QueueState]) -> tuple[str, str]:
 
 def read_states(client: redis.Redis) -> dict[str, QueueState]:
     """Live workers per queue (from heartbeats), their summed speed, and queue depth."""
-    found: dict[str, list[dict[str, Any]]] = {}
-    keys = list(client.scan_iter(f"{HEARTBEAT_PREFIX}:*", count=1000))
-    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
-        if raw:
-            queue = key.decode().split(":")[2]
-            found.setdefault(queue, []).append(json.loads(raw))
     states = {}
-    for queue, beats in found.items():
+    for queue, beats in read_heartbeats(client).items():
         speed = sum(b["texts_per_s"] or PRIOR_TEXTS_PER_S.get(b["device"], 100.0) for b in beats)
         states[queue] = QueueState(len(beats), speed, int(client.llen(queue)))
     return states

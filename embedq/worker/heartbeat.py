@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from embedq import slo
-from embedq.keys import heartbeat_key
+from embedq.keys import HEARTBEAT_PREFIX, heartbeat_key
 
 if TYPE_CHECKING:
     from embedq.worker.encoder import Encoder
@@ -24,6 +24,16 @@ INTERVAL_S = 2.0
 TTL_S = 10
 # Alive marks outlive the longest SLO window anyone is likely to set.
 ALIVE_TTL_S = 8 * 24 * 3600
+
+
+def read_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
+    """Live workers' heartbeats, by queue (the router, status and the API read them)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    keys = sorted(client.scan_iter(f"{HEARTBEAT_PREFIX}:*", count=1000))
+    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
+        if raw:
+            found.setdefault(key.decode().split(":")[2], []).append(json.loads(raw))
+    return found
 
 
 class Heartbeat:
