@@ -40,7 +40,7 @@ test: lint browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/pipeline_vs_raw.py --data pydoc --repeats 3
+	$(VENV)/bin/embedq bench --repeats 3 --out bench-results
 	$(PY) bench/search_index.py --n 100000 --queries 2000
 
 clean:

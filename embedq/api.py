@@ -22,10 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedq.app import QUEUES
-from embedq.broker import shared_client
+from embedq.broker import get_result, shared_client
 from embedq.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -220,7 +221,7 @@ class Service:
         options = {"queue": queue} if queue else {}
         result = embed_texts.apply_async((texts, model, normalize), **options)
         try:
-            return result.get(timeout=self.settings.api_timeout_s)
+            return get_result(result, self.settings.api_timeout_s)
         except CeleryTimeout as exc:
             raise ApiError(
                 504,
@@ -349,6 +350,13 @@ def _install_errors(api: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         return _error(422, f"{where}: {first.get('msg', 'invalid request')}", "InvalidInputError")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI could not even decode the body
+            message = "the request body could not be parsed: send UTF-8 encoded JSON"
+        return _error(exc.status_code, message, "HTTPError", getattr(exc, "headers", None))
 
     async def known(_: Request, exc: Exception) -> JSONResponse:
         status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))

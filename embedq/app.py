@@ -13,10 +13,11 @@ from celery import Celery
 from kombu import Queue
 
 from embedq import codec
-from embedq.broker import redis_url
+from embedq.broker import redis_url, tls_options
 from embedq.settings import get_settings
 
 QUEUES = ("cpu", "gpu")
+PUBLISH_RETRY = {"max_retries": 15, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
 
 codec.register_serializer()
 
@@ -29,12 +30,29 @@ def _config() -> dict[str, Any]:
     # The visibility timeout must outlast the hard time limit, or Redis redelivers
     # a task that is still running.
     transport = {"visibility_timeout": settings.task_time_limit_s * 2}
+    # A dead worker's unacked tasks come back one visibility timeout after delivery: look
+    # for them every 10 s (kombu's default looks every 100 s).
+    broker_transport = transport | {"unacked_restore_throttle": 1}
     return {
         "broker_url": url,
         "result_backend": url,
-        "broker_transport_options": transport,
+        "broker_transport_options": broker_transport,
         "result_backend_transport_options": transport,
+        # rediss:// URLs: kombu would otherwise skip certificate checks (CERT_NONE).
+        "broker_use_ssl": tls_options(url) or False,
         "broker_connection_retry_on_startup": True,
+        # Keep retrying through a Redis restart or failover instead of giving up after 100.
+        "broker_connection_max_retries": None,
+        # Publishing waits out a short Redis outage (~30 s) before it raises.
+        "task_publish_retry_policy": PUBLISH_RETRY,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
+        # TCP only: the embedded Redis listens on a Unix socket, which has no keepalive.
+        "redis_socket_keepalive": not url.startswith("redis+socket://"),
+        "redis_backend_health_check_interval": 10,
+        # With late acks, a running task whose broker connection dropped is cancelled and
+        # redelivered (its writes are idempotent) rather than acked on a dead channel.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_serializer": codec.SERIALIZER,
         "result_serializer": codec.SERIALIZER,
         "accept_content": [codec.SERIALIZER, "json"],

@@ -115,6 +115,11 @@ def ingest(
         )
     if summary.interrupted:
         raise typer.Exit(130)
+    if summary.error:
+        print(f"error: {summary.error}; a rerun skips what was stored", file=sys.stderr)
+    # Scripts must notice: any document not stored makes the exit status 1.
+    if summary.error or summary.failed:
+        raise typer.Exit(1)
 
 
 @cli.command()
@@ -262,6 +267,51 @@ def flower(
 
 
 @cli.command()
+def bench(
+    data: list[str] = typer.Option(
+        ["sick", "pydoc", "mixed"], "--data", envvar="EMBEDQ_BENCH_DATA", help="Data sets."
+    ),
+    device: list[str] = typer.Option(
+        [], "--device", envvar="EMBEDQ_BENCH_DEVICE", help="cpu, cuda (default: all visible)."
+    ),
+    data_dir: Path = typer.Option(Path("../shared/data"), envvar="EMBEDQ_BENCH_DATA_DIR"),
+    out: Path = typer.Option(Path("bench-results"), envvar="EMBEDQ_BENCH_OUT"),
+    repeats: int = typer.Option(3, envvar="EMBEDQ_BENCH_REPEATS", min=1),
+    chunk: int = typer.Option(64, envvar="EMBEDQ_BENCH_CHUNK", min=1, help="Texts per task."),
+    limit: int | None = typer.Option(None, envvar="EMBEDQ_BENCH_LIMIT", help="Texts per set."),
+    latency_n: int = typer.Option(200, envvar="EMBEDQ_BENCH_LATENCY_N", min=1),
+    redis_db: int = typer.Option(
+        13, envvar="EMBEDQ_BENCH_REDIS_DB", help="Flushed before each repeat: keep it unused."
+    ),
+) -> None:
+    """Raw SentenceTransformer.encode vs the pipeline: texts/s, tokens/s, latency; JSON+PNG."""
+    import os
+    import subprocess
+
+    from embedq.bench import BenchOptions, with_db
+    from embedq.broker import redis_url
+
+    options = BenchOptions(
+        with_db(redis_url(), redis_db),
+        out,
+        data_dir,
+        data,
+        device or None,
+        repeats,
+        chunk,
+        limit,
+        latency_n,
+    )
+    spec = json.dumps(asdict(options), default=str)
+    env = os.environ | {"EMBEDQ_REDIS_URL": options.redis_url, "EMBEDQ_LRU_ITEMS": "1"}
+    # Its own process: this one's Celery app is already bound to the configured Redis.
+    done = subprocess.run([sys.executable, "-m", "embedq.bench", spec], env=env, check=False)
+    if done.returncode == 0:
+        typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    raise typer.Exit(done.returncode)
+
+
+@cli.command()
 def demo() -> None:
     """Start a CPU worker, embed a few texts, print their similarity matrix, stop the worker."""
     from embedq.demo import main as run_demo
@@ -270,9 +320,28 @@ def demo() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: embedq's own errors print one line, not a traceback."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+    from kombu.exceptions import OperationalError
+
+    from embedq.errors import INPUT_ERRORS, EmbedqError, UnknownCollectionError
+
     np.set_printoptions(precision=3, suppress=True)
-    cli()
+    try:
+        cli()
+    except (*INPUT_ERRORS, UnknownCollectionError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}", 2)
+    except EmbedqError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+    except CeleryTimeout as exc:
+        _fail(f"no answer in time ({exc}); is a worker running? see `embedq status`", 1)
+    except OperationalError as exc:
+        _fail(f"cannot reach Redis: {exc}", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

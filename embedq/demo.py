@@ -54,7 +54,7 @@ def _print_matrix(console: Console, vectors: np.ndarray) -> None:
 
 def main() -> int:
     """Run the demo; returns a process exit code."""
-    from embedq.broker import redis_url
+    from embedq.broker import get_result, redis_url
     from embedq.tasks import embed_texts
 
     console = Console()
@@ -63,7 +63,7 @@ def main() -> int:
     worker = _start_worker(url)
     try:
         start = time.perf_counter()
-        vectors = embed_texts.delay(TEXTS, collection="demo").get(timeout=180)
+        vectors = get_result(embed_texts.delay(TEXTS, collection="demo"), 180)
         console.print(
             f"{len(TEXTS)} texts -> {vectors.shape[0]} vectors of {vectors.shape[1]} float32 "
             f"in {time.perf_counter() - start:.1f}s (includes the worker's model load)"

@@ -49,3 +49,11 @@ class IndexQualityError(EmbedqError):
 
 class UnknownCollectionError(EmbedqError, LookupError):
     """The named collection holds no items."""
+
+
+class PoisonTaskError(EmbedqError):
+    """A task whose workers died running it ``EMBEDQ_TASK_MAX_DELIVERIES`` times: not retried."""
+
+
+#: Errors that are the caller's: reported, never retried, not counted against the error SLO.
+INPUT_ERRORS: tuple[type[EmbedqError], ...] = (InvalidInputError, UnknownModelError)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from embedq.errors import IndexQualityError
+from embedq.errors import IndexQualityError, StoreError
 from embedq.storage import CollectionState, Store
 from embedq.storage.index import Index, create_index, recall_at_k
 
@@ -50,11 +50,15 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temp file, fsync, then os.replace: readers see the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep the half-written file
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -114,9 +118,11 @@ def build_index(
     recall = _tune_ef(index, snap.vectors, snap.pks)
     tmp = index_dir(data_dir, collection) / f".build-{os.getpid()}.tmp"
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    index.save(tmp)
-    data = pack_blob(tmp.read_bytes(), snap.pks, snap.stamps)
-    tmp.unlink()
+    try:
+        index.save(tmp)
+        data = pack_blob(tmp.read_bytes(), snap.pks, snap.stamps)
+    finally:
+        tmp.unlink(missing_ok=True)
     meta = {
         "state": state.token if state else "0:-",
         "built_at": snap.taken_at.isoformat(),
@@ -156,9 +162,10 @@ def rebuild_changed(store: Store, data_dir: Path, only: str | None = None) -> di
             continue
         try:
             report[state.collection] = build_index(store, state.collection, data_dir, state)[1]
-        except IndexQualityError as exc:
-            log.error("index %s not rebuilt: %s", state.collection, exc)
-            report[state.collection] = f"failed: {exc}"
+        # The previous version stays published and in use; the next run tries again.
+        except (IndexQualityError, StoreError, OSError, RuntimeError) as exc:
+            log.error("index %s not rebuilt (old index kept): %s", state.collection, exc)
+            report[state.collection] = f"failed: {type(exc).__name__}: {exc}"
     return report
 
 
@@ -190,7 +197,16 @@ class IndexCache:
         if current and current.version == version:
             current.checked_at = time.monotonic()
             return current
-        loaded = self._load(collection, version, meta)
+        try:
+            loaded = self._load(collection, version, meta)
+        except (OSError, StoreError, RuntimeError) as exc:
+            if current is None:
+                raise
+            log.error(
+                "index %s v%d not loaded, v%d kept: %s", collection, version, current.version, exc
+            )
+            current.checked_at = time.monotonic()
+            return current
         self._loaded[collection] = loaded
         return loaded
 

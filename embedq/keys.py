@@ -11,6 +11,7 @@ HEARTBEAT_PREFIX = f"{PREFIX}:hb"
 SLO_PREFIX = f"{STATS_PREFIX}:slo"
 ALIVE_PREFIX = f"{STATS_PREFIX}:alive"
 RATE_PREFIX = f"{PREFIX}:rate"
+DELIVERY_PREFIX = f"{PREFIX}:delivery"
 
 
 def content_hash(text: str) -> str:
@@ -49,3 +50,8 @@ def alive_key(minute: int) -> str:
 def rate_key(api_key_id: str, minute: int) -> str:
     """The HTTP API's request counter of one key in one minute."""
     return f"{RATE_PREFIX}:{api_key_id}:{minute}"
+
+
+def delivery_key(task_id: str, retries: int) -> str:
+    """Counts how often one attempt of one task was handed to a worker."""
+    return f"{DELIVERY_PREFIX}:{task_id}:{retries}"

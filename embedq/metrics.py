@@ -16,6 +16,7 @@ import redis
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     start_http_server,
 )
@@ -57,6 +58,11 @@ CACHE = Counter("embedq_cache_lookups", "Cache lookups by outcome", ["outcome"])
 TRUNCATED = Counter("embedq_truncated_inputs", "Texts cut to the model's max tokens")
 ERRORS = Counter("embedq_errors", "Failed tasks by error kind", ["kind"])
 SPLITS = Counter("embedq_batch_splits", "Batches split after a failure (e.g. OOM)")
+BATCH_BUDGET = Gauge(
+    "embedq_batch_budget_tokens",
+    "Padded-token budget of the next batch (learned when EMBEDQ_ADAPTIVE_BATCH is on)",
+    multiprocess_mode="max",
+)
 
 
 class RedisCollector(Collector):

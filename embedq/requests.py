@@ -13,6 +13,8 @@ from embedq.settings import Settings, get_settings
 COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_DEPTH = 32
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,19 @@ def _text(i: int, item: Any) -> str:
         raise InvalidInputError(f"texts[{i}] is None; send a string (empty strings are allowed)")
     if not isinstance(item, str):
         raise InvalidInputError(f"texts[{i}] is {type(item).__name__}; expected str")
+    if not item.isascii() and not _encodable(item):
+        raise InvalidInputError(
+            f"texts[{i}] holds a lone surrogate (not valid Unicode); fix its decoding"
+        )
     return item
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_texts(texts: Any, settings: Settings) -> tuple[list[str], tuple[int, ...]]:
@@ -73,8 +87,10 @@ def parse_ids(ids: Any, n: int) -> list[str] | None:
         if isinstance(item, bool) or not isinstance(item, str | int):
             raise InvalidInputError(f"ids[{i}] is {type(item).__name__}; expected str or int")
         text = str(item)
-        if not text or len(text) > MAX_ID_CHARS or "\x00" in text:
-            raise InvalidInputError(f"ids[{i}] must be 1-{MAX_ID_CHARS} characters without NUL")
+        if not text or len(text) > MAX_ID_CHARS or "\x00" in text or not _encodable(text):
+            raise InvalidInputError(
+                f"ids[{i}] must be 1-{MAX_ID_CHARS} characters, valid Unicode, without NUL"
+            )
         out.append(text)
     if len(set(out)) != len(out):
         raise InvalidInputError("ids repeat within one call; each id may appear once")
@@ -90,19 +106,56 @@ def parse_metadata(metadata: Any, n: int) -> list[dict[str, Any]] | None:
     for i, item in enumerate(metadata):
         if not isinstance(item, dict):
             raise InvalidInputError(f"metadata[{i}] is {type(item).__name__}; expected dict")
+        depth, problem = _shape(item)
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidInputError(f"metadata[{i}] nests deeper than {MAX_METADATA_DEPTH} levels")
+        if problem:
+            raise InvalidInputError(f"metadata[{i}] holds {problem}")
         try:
             size = len(json.dumps(item, allow_nan=False))
-        except (TypeError, ValueError, RecursionError) as exc:
+        except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"metadata[{i}] is not JSON-serializable: {exc}") from exc
         if size > MAX_METADATA_BYTES:
             raise InvalidInputError(f"metadata[{i}] is {size} bytes as JSON; at most 65536")
     return [dict(item) for item in metadata]
 
 
+def _shape(value: Any) -> tuple[int, str | None]:
+    """Nesting depth of dicts and lists, and the first value no store or wire keeps (a NUL,
+    a lone surrogate, an integer beyond 64 bits), described.
+
+    Iterative, so deeply nested input cannot blow the stack."""
+    deepest, problem, stack = 0, None, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, str) and ("\x00" in node or not (node.isascii() or _encodable(node))):
+            problem = problem or "a NUL character or a lone surrogate, which no store keeps"
+        elif isinstance(node, int) and not INT64_MIN <= node <= UINT64_MAX:
+            # msgpack (the wire) and Postgres JSONB readers stop at 64-bit integers.
+            problem = problem or "an integer beyond 64 bits; send it as a string"
+        elif isinstance(node, dict | list | tuple):
+            deepest = max(deepest, level)
+            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children)
+    return deepest, problem
+
+
+def check_storable(texts: list[str]) -> None:
+    """Texts kept in the store: Postgres cannot hold NUL characters, so no store takes them."""
+    for i, text in enumerate(texts):
+        if "\x00" in text:
+            raise InvalidInputError(
+                f"texts[{i}] holds a NUL character, which the store cannot keep; remove it "
+                "(embedding without a collection accepts it)"
+            )
+
+
 def parse_model(model: Any) -> str | None:
     """A model name, or None for the worker's own."""
     if model is not None and not isinstance(model, str):
         raise InvalidInputError(f"model must be a string, got {type(model).__name__}")
+    if model is not None and not _encodable(model):
+        raise InvalidInputError("model holds a lone surrogate (not valid Unicode)")
     return model
 
 
@@ -135,6 +188,8 @@ def parse_embed_request(
     name = parse_collection(collection)
     if name is None and (ids is not None or metadata is not None):
         raise InvalidInputError("ids and metadata are stored with a collection: pass collection=")
+    if name is not None:
+        check_storable(parsed)
     return EmbedRequest(
         texts=parsed,
         model=model,
@@ -166,6 +221,7 @@ def parse_documents(
         latest[str(doc.get("id"))] = doc
     docs = list(latest.values())
     texts, clipped = parse_texts([d.get("text") for d in docs], settings)
+    check_storable(texts)
     parents = [d.get("parent") for d in docs]
     positions = [d.get("chunk") for d in docs]
     if any(p is not None and not isinstance(p, str) for p in parents) or any(

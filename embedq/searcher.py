@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from embedq.broker import get_result
 from embedq.errors import InvalidInputError
 from embedq.indexes import DELTA_MARGIN, IndexCache, LoadedIndex
+from embedq.requests import parse_collection
 from embedq.settings import Settings, get_settings
 from embedq.storage import Item, Store, create_store
 from embedq.storage.index import exact_top_k, normalize
@@ -83,6 +85,7 @@ class Searcher:
     ) -> list[Hit]:
         """The ``k`` items nearest to ``vector`` (cosine), best first."""
         check_k(k)
+        parse_collection(collection)
         query = normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))
         if where:
             allowed = self.store.filter_pks(collection, where)
@@ -203,7 +206,7 @@ def embed_query(text: str, timeout_s: float = 60.0) -> np.ndarray:
 
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("the query must be a non-empty string")
-    return np.asarray(embed_texts.delay([text]).get(timeout=timeout_s))[0]
+    return np.asarray(get_result(embed_texts.delay([text]), timeout_s))[0]
 
 
 def search(
@@ -219,6 +222,7 @@ def search(
     stands for a whole document (``parent_id``).
     """
     check_k(k)
+    parse_collection(collection)
     return get_searcher().search(embed_query(text), collection, k, where, parents)
 
 

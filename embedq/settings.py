@@ -48,6 +48,16 @@ class Settings(BaseSettings):
         description="Padded tokens (longest x count) in one batch, at most; "
         "unset: 4096 on cpu, 8192 on mps, 32768 on cuda.",
     )
+    adaptive_batch: bool = Field(
+        True,
+        description="Learn the token budget that encodes fastest (off when "
+        "EMBEDQ_MAX_BATCH_TOKENS is set).",
+    )
+    batch_latency_target_ms: float | None = Field(
+        None,
+        description="A batch slower than this halves the learned budget (for workers that "
+        "serve interactive traffic); none by default.",
+    )
     max_batch_size: int = Field(256, description="Texts in one batch, at most.")
     batch_wait_ms: float = Field(
         2.0, description="How long the batcher waits for more requests before it encodes."
@@ -67,6 +77,21 @@ class Settings(BaseSettings):
         300, description="Celery beat rebuilds the indexes of changed collections this often."
     )
     result_expires_s: int = Field(3600, description="How long task results stay in Redis.")
+    task_max_retries: int = Field(
+        3, description="Retries of a task whose encoder or store failed, then it fails."
+    )
+    task_retry_backoff_s: int = Field(
+        2, description="First retry delay; doubles each retry, with full jitter."
+    )
+    task_retry_backoff_max_s: int = Field(60, description="Longest delay between retries.")
+    task_max_deliveries: int = Field(
+        3,
+        description="Deliveries of one task attempt to workers that died running it; "
+        "the next one fails it as poison.",
+    )
+    ingest_drain_timeout_s: float = Field(
+        60.0, description="After Ctrl-C, how long ingest waits for the tasks in flight."
+    )
     metrics_port: int = Field(
         9808,
         description="Each worker serves Prometheus metrics here (the next free port if taken; "

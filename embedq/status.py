@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from embedq.app import QUEUES
+from embedq.broker import check_eviction_policy
 from embedq.errors import StoreError
 from embedq.indexes import blob_name
 from embedq.settings import Settings
@@ -90,6 +91,8 @@ def build_report(client: redis.Redis, store: Store | None, settings: Settings) -
         indexes=indexes,
     )
     report.alerts = alerts(report, settings, store_error)
+    if warning := check_eviction_policy(client):
+        report.alerts.append(warning)
     return report
 
 

@@ -50,6 +50,7 @@ class FakeEncoder:
     device = "cpu"
     max_seq_tokens = 512
     max_batch_tokens = 1024
+    max_fit_tokens = 4096
 
     def __init__(self, oom_above: int = 10**9, poison: int | None = None) -> None:
         self.oom_above = oom_above

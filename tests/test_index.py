@@ -125,7 +125,7 @@ def test_a_failed_build_keeps_the_old_index(store, tmp_path, monkeypatch):
     store.upsert(_items(collection, _clustered(10, 6), prefix="more"))
     monkeypatch.setattr(indexes, "RECALL_TARGET", 1.01)  # no index can pass
     report = rebuild_changed(store, tmp_path, only=collection)
-    assert report[collection].startswith("failed: recall@10")
+    assert report[collection].startswith("failed: IndexQualityError: recall@10")
     assert store.blob_version(blob_name(collection))[0] == version
     assert _searcher(store, tmp_path).search(vectors[3], collection, k=1)[0].id == "id-3"
 

@@ -178,10 +178,11 @@ def test_chunk_spans_overlap_and_cover_the_text():
 
 def test_cli_delete_removes_items_from_search(celery_worker):
     collection = f"del-{uuid.uuid4().hex[:6]}"
-    ingest(
+    summary = ingest(
         [{"id": "keep", "text": "a red apple"}, {"id": "gone", "text": "a red apple pie"}],
         collection,
     )
+    assert summary.stored == 2, summary
     exe = os.path.join(os.path.dirname(sys.executable), "embedq")
     out = subprocess.run(
         [exe, "delete", "--collection", collection, "--id", "gone", "--id", "nope"],

@@ -5,11 +5,9 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pytest
 from celery import group
 
 from embedq.codec import Embeddings
-from embedq.errors import InvalidInputError, TooManyTextsError, UnknownModelError
 from embedq.keys import content_hash, vector_key
 from embedq.storage import create_store
 from embedq.tasks import embed_texts
@@ -128,53 +126,6 @@ def test_utf8_bytes_are_decoded(celery_worker):
     as_str = embed_texts.delay(["café au lait"]).get(timeout=TIMEOUT_S)
     as_bytes = embed_texts.delay(["café au lait".encode()]).get(timeout=TIMEOUT_S)
     np.testing.assert_array_equal(as_str, as_bytes)
-
-
-BAD_CALLS = [
-    pytest.param(("one string",), {}, InvalidInputError, "wrap it", id="bare-string"),
-    pytest.param((42,), {}, InvalidInputError, "list of strings", id="number"),
-    pytest.param((None,), {}, InvalidInputError, "list of strings", id="none"),
-    pytest.param(([None],), {}, InvalidInputError, r"texts\[0\] is None", id="none-item"),
-    pytest.param((["ok", 3],), {}, InvalidInputError, r"texts\[1\] is int", id="int-item"),
-    pytest.param((["ok", ["x"]],), {}, InvalidInputError, r"texts\[1\] is list", id="nested"),
-    pytest.param(([b"\xff\xfeok"],), {}, InvalidInputError, "not valid UTF-8", id="bad-utf8"),
-    pytest.param((["x"] * 1001,), {}, TooManyTextsError, "1001 texts", id="too-many"),
-    pytest.param((["x"],), {"model": "no-such-model"}, UnknownModelError, "not served", id="model"),
-    pytest.param(
-        (["x"],), {"collection": "bad name!"}, InvalidInputError, "not a valid", id="coll"
-    ),
-    pytest.param((["x"],), {"ids": ["a"]}, InvalidInputError, "collection", id="ids-no-coll"),
-    pytest.param(
-        (["x", "y"],), {"collection": "c", "ids": ["a"]}, InvalidInputError, "2 ids", id="ids-len"
-    ),
-    pytest.param(
-        (["x", "y"],),
-        {"collection": "c", "ids": ["a", "a"]},
-        InvalidInputError,
-        "repeat",
-        id="dup-ids",
-    ),
-    pytest.param(
-        (["x"],),
-        {"collection": "c", "metadata": ["m"]},
-        InvalidInputError,
-        "expected dict",
-        id="metadata",
-    ),
-    pytest.param((["x"],), {"normalize": "yes"}, InvalidInputError, "true or false", id="norm"),
-]
-
-
-@pytest.mark.parametrize(("args", "kwargs", "error", "message"), BAD_CALLS)
-def test_bad_input_raises_named_error_and_spares_neighbours(
-    celery_worker, args, kwargs, error, message
-):
-    neighbours = [embed_texts.delay(unique_texts(2, "neighbour")) for _ in range(3)]
-    bad = embed_texts.apply_async(args, kwargs)
-    with pytest.raises(error, match=message):
-        bad.get(timeout=TIMEOUT_S)
-    for result in neighbours:
-        assert result.get(timeout=TIMEOUT_S).shape == (2, 384)
 
 
 def test_collection_upsert_is_idempotent(celery_worker):

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from embedq.broker import get_result
 from embedq.codec import Embeddings
 from embedq.settings import get_settings
 
@@ -36,7 +37,7 @@ def embed(
         embed_texts.apply_async((list(texts[i : i + size]),), kwargs, **options)
         for i in range(0, max(len(texts), 1), size)
     ]
-    parts = [result.get(timeout=timeout_s) for result in pending]
+    parts = [get_result(result, timeout_s) for result in pending]
     truncated = [i * size + j for i, part in enumerate(parts) for j in part.truncated]
     return Embeddings(np.concatenate(parts) if parts else np.zeros((0, 0)), truncated)
 

@@ -12,8 +12,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from embedq.broker import BROKER_ERRORS, get_result
+from embedq.errors import InvalidInputError
 from embedq.producer.chunker import chunk_spans
 from embedq.producer.reader import BadRecord, Document, to_document
+from embedq.requests import parse_documents
 from embedq.settings import get_settings
 
 MAX_FAILURES_KEPT = 50
@@ -32,6 +35,7 @@ class IngestSummary:
     failed: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    error: str | None = None
     wall_s: float = 0.0
 
     def add(self, counts: dict[str, int]) -> None:
@@ -55,6 +59,15 @@ def _as_document(record: Document | BadRecord | dict[str, Any], n: int) -> Docum
         return record
 
     return to_document(record, n, "id", "text")
+
+
+def refusal(doc: Document) -> str | None:
+    """Why the worker would refuse ``doc``, checked here so it fails alone, not its task."""
+    try:
+        parse_documents("check", [{"id": doc.id, "text": doc.text, "metadata": doc.metadata}])
+    except InvalidInputError as exc:
+        return str(exc).replace("texts[0] ", "the text ").replace("[0]", "")
+    return None
 
 
 def _payloads(
@@ -92,6 +105,9 @@ def _tasks(
         if isinstance(doc, BadRecord):
             summary.fail(f"line {doc.line}", doc.reason)
             continue
+        if reason := refusal(doc):
+            summary.fail(f"record {n} (id {doc.id[:64]!r})", reason)
+            continue
         payloads = _payloads(doc, chunk_tokens, overlap, model)
         batch += payloads
         docs += 1
@@ -104,6 +120,14 @@ def _tasks(
         yield batch, parents, docs
 
 
+def task_wait_s() -> float:
+    """How long a task may take to finish after it was sent, in the worst case."""
+    limit = get_settings().task_time_limit_s
+    # A task whose worker died (or whose ack a Redis restart lost) comes back after the
+    # visibility timeout (two hard limits), then runs for at most one more.
+    return 3.0 * limit
+
+
 def ingest(
     records: Iterable[Document | BadRecord | dict[str, Any]],
     collection: str,
@@ -113,42 +137,82 @@ def ingest(
     queue: str | None = None,
     chunk_tokens: int | None = None,
     overlap: int = 0,
-    timeout_s: float = 600.0,
+    timeout_s: float | None = None,
     on_progress: Callable[[IngestSummary, int], None] | None = None,
 ) -> IngestSummary:
     """Ingest ``records`` (Documents, or dicts with id/text and other fields as metadata).
 
     At most ``max_in_flight`` tasks of ``chunk_size`` texts are queued at once. On Ctrl-C
-    it stops sending, waits for the tasks in flight, and returns with ``interrupted``.
-    ``on_progress(summary, documents_done)`` is called after each finished task.
+    it stops sending, waits up to ``EMBEDQ_INGEST_DRAIN_TIMEOUT_S`` for the tasks in flight,
+    and returns with ``interrupted``. ``on_progress(summary, documents_done)`` is called
+    after each finished task. A broker outage is waited out; one that outlasts the publish
+    retries stops the run with ``error`` set. ``timeout_s`` bounds the wait for one task
+    (default: three hard time limits, see :func:`task_wait_s`).
     """
     from embedq.tasks import ingest_documents
 
+    timeout_s = timeout_s or task_wait_s()
     summary, started = IngestSummary(), time.perf_counter()
-    pending: deque[tuple[Any, int, int]] = deque()
+    inflight = InFlight(summary, timeout_s, on_progress)
     options = {"queue": queue} if queue else {}
-
-    def settle_oldest() -> None:
-        result, docs, texts = pending.popleft()
-        try:
-            summary.add(result.get(timeout=timeout_s))
-        except Exception as exc:
-            summary.fail(f"task {result.id}", f"{type(exc).__name__}: {exc}", texts)
-        if on_progress:
-            on_progress(summary, docs)
-
     try:
         for batch, parents, docs in _tasks(records, summary, chunk_size, chunk_tokens, overlap):
-            while len(pending) >= max_in_flight:
-                settle_oldest()
-            result = ingest_documents.apply_async((collection, batch, parents), **options)
-            pending.append((result, docs, len(batch)))
+            while len(inflight.pending) >= max_in_flight:
+                inflight.settle_oldest()
+            try:
+                result = ingest_documents.apply_async((collection, batch, parents), **options)
+            except BROKER_ERRORS as exc:
+                summary.fail("broker", f"could not queue a task: {exc}", len(batch))
+                summary.error = f"the broker stayed unreachable: {exc}"
+                break
+            except InvalidInputError as exc:
+                summary.fail("task not sent", str(exc), len(batch))
+                continue
+            inflight.pending.append((result, docs, len(batch)))
     except KeyboardInterrupt:
         summary.interrupted = True
+    deadline = time.monotonic() + get_settings().ingest_drain_timeout_s
     try:
-        while pending:
-            settle_oldest()
+        inflight.drain(deadline if summary.interrupted else None)
     except KeyboardInterrupt:
         summary.interrupted = True
+        inflight.abandon("interrupted twice")
     summary.wall_s = round(time.perf_counter() - started, 3)
     return summary
+
+
+class InFlight:
+    """The tasks sent and not yet settled, oldest first."""
+
+    def __init__(
+        self,
+        summary: IngestSummary,
+        timeout_s: float,
+        on_progress: Callable[[IngestSummary, int], None] | None,
+    ) -> None:
+        self.summary, self.timeout_s, self.on_progress = summary, timeout_s, on_progress
+        self.pending: deque[tuple[Any, int, int]] = deque()
+
+    def settle_oldest(self, deadline: float | None = None) -> None:
+        """Wait for the oldest task; a broker outage meanwhile is waited out, not a failure."""
+        result, docs, texts = self.pending.popleft()
+        try:
+            self.summary.add(get_result(result, self.timeout_s, deadline))
+        except Exception as exc:
+            self.summary.fail(f"task {result.id}", f"{type(exc).__name__}: {exc}", texts)
+        if self.on_progress:
+            self.on_progress(self.summary, docs)
+
+    def drain(self, deadline: float | None) -> None:
+        """Settle every task; past ``deadline`` the rest are reported unfinished."""
+        while self.pending:
+            if deadline is not None and time.monotonic() >= deadline:
+                self.abandon("still running when the drain timeout ran out")
+                return
+            self.settle_oldest(deadline)
+
+    def abandon(self, why: str) -> None:
+        """Report every unsettled task as unfinished (a rerun stores what they did not)."""
+        while self.pending:
+            result, _, texts = self.pending.popleft()
+            self.summary.fail(f"task {result.id}", f"{why}; rerun to finish", texts)

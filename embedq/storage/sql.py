@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from sqlalchemy import (
@@ -108,6 +109,9 @@ class BlobPart(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 BLOB_PART_BYTES = 8 * 2**20
 BLOB_VERSIONS_KEPT = 2
 
@@ -187,6 +191,28 @@ def _item(row: ItemRow) -> Item:
     )
 
 
+def _store_errors(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Turn the driver's errors into :class:`StoreError` naming what failed."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except SQLAlchemyError as exc:
+                raise StoreError(f"could not {what}: {brief(exc)}") from exc
+
+        return run
+
+    return wrap
+
+
+def brief(exc: SQLAlchemyError) -> str:
+    """The driver's one-line reason, without the SQL and its parameters (document text)."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {reason[0] if reason else ''}"
+
+
 class SQLStore(Store):
     """Items in one table, ``embedq_items``, unique on (collection, external_id)."""
 
@@ -196,6 +222,7 @@ class SQLStore(Store):
         self._create_lock = threading.Lock()
         self._create_tables()
 
+    @_store_errors("create or update the tables")
     def _create_tables(self) -> None:
         with self._create_lock:
             try:
@@ -245,6 +272,7 @@ class SQLStore(Store):
             raise StoreError(f"could not write {len(rows)} items: {brief(exc)}") from exc
         return len(rows)
 
+    @_store_errors("read items")
     def get(self, collection: str, ids: Sequence[str]) -> list[Item]:
         """The stored items among ``ids``, in no particular order."""
         query = select(ItemRow).where(
@@ -253,12 +281,14 @@ class SQLStore(Store):
         with Session(self.engine) as session:
             return [_item(row) for row in session.scalars(query)]
 
+    @_store_errors("count items")
     def count(self, collection: str) -> int:
         """Items in ``collection``."""
         query = select(func.count()).select_from(ItemRow).where(ItemRow.collection == collection)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
+    @_store_errors("delete items")
     def delete(self, collection: str, ids: Sequence[str]) -> int:
         """Remove ``ids`` from ``collection``."""
         query = delete(ItemRow).where(
@@ -267,6 +297,7 @@ class SQLStore(Store):
         with self.engine.begin() as conn:
             return int(conn.execute(query).rowcount)
 
+    @_store_errors("read content hashes")
     def hashes(self, collection: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """(content hash, model) of the stored ids among ``ids``."""
         query = select(ItemRow.external_id, ItemRow.content_hash, ItemRow.model).where(
@@ -275,6 +306,7 @@ class SQLStore(Store):
         with self.engine.connect() as conn:
             return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
 
+    @_store_errors("delete stale chunks")
     def delete_chunks(self, collection: str, parent_id: str, keep_below: int) -> int:
         """Remove the chunks of ``parent_id`` that a shorter new text no longer has."""
         query = delete(ItemRow).where(
@@ -285,6 +317,7 @@ class SQLStore(Store):
         with self.engine.begin() as conn:
             return int(conn.execute(query).rowcount)
 
+    @_store_errors("read items")
     def by_pk(self, pks: Sequence[int]) -> list[Item]:
         """Items by row key."""
         if not len(pks):
@@ -293,6 +326,7 @@ class SQLStore(Store):
         with Session(self.engine) as session:
             return [_item(row) for row in session.scalars(query)]
 
+    @_store_errors("read a snapshot")
     def snapshot(self, collection: str, since: datetime | None = None) -> Snapshot:
         """Row keys, update stamps and vectors of ``collection``, read in one query."""
         taken_at = datetime.now(UTC)
@@ -310,6 +344,7 @@ class SQLStore(Store):
         vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
         return Snapshot(pks, vectors, taken_at, stamps)
 
+    @_store_errors("read update times")
     def stamps(self, collection: str, since: datetime) -> tuple[np.ndarray, np.ndarray]:
         """Row keys and update times of rows changed after ``since`` (no vectors read)."""
         query = select(ItemRow.pk, ItemRow.updated_at).where(
@@ -320,6 +355,7 @@ class SQLStore(Store):
         pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return pks, np.fromiter((micros(r[1]) for r in rows), dtype=np.int64, count=len(rows))
 
+    @_store_errors("filter by metadata")
     def filter_pks(self, collection: str, where: dict[str, Any]) -> np.ndarray:
         """Row keys whose metadata has each key equal to the given value (JSON equality)."""
         query = select(ItemRow.pk).where(ItemRow.collection == collection)
@@ -339,6 +375,7 @@ class SQLStore(Store):
             return func.json_type(column, f'$."{key}"') == ("true" if value else "false")
         return func.json_extract(column, f'$."{key}"') == value
 
+    @_store_errors("read collection states")
     def states(self) -> list[CollectionState]:
         """Count and latest update per collection."""
         query = select(ItemRow.collection, func.count(), func.max(ItemRow.updated_at)).group_by(
@@ -347,6 +384,7 @@ class SQLStore(Store):
         with self.engine.connect() as conn:
             return [CollectionState(c, int(n), _aware(t)) for c, n, t in conn.execute(query)]
 
+    @_store_errors("publish an index")
     def put_blob(self, name: str, data: bytes, meta: dict[str, Any]) -> int:
         """Write a new version in parts, then point the version row at it, in one transaction."""
         with Session(self.engine) as session, session.begin():
@@ -365,12 +403,14 @@ class SQLStore(Store):
             )
         return version
 
+    @_store_errors("read an index version")
     def blob_version(self, name: str) -> tuple[int, dict[str, Any]] | None:
         """Latest version of ``name`` and its metadata."""
         with Session(self.engine) as session:
             row = session.get(BlobVersion, name)
             return (row.version, dict(row.meta)) if row else None
 
+    @_store_errors("read an index")
     def get_blob(self, name: str, version: int) -> bytes:
         """All parts of one version, joined."""
         query = (
@@ -387,12 +427,6 @@ class SQLStore(Store):
     def close(self) -> None:
         """Dispose of the connection pool."""
         self.engine.dispose()
-
-
-def brief(exc: SQLAlchemyError) -> str:
-    """The driver's one-line reason, without the SQL and its parameters (document text)."""
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {reason[0] if reason else ''}"
 
 
 def micros(value: datetime) -> int:

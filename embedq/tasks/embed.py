@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
 
 from embedq.app import app
+from embedq.broker import shared_client
 from embedq.codec import Embeddings
-from embedq.errors import InvalidInputError, UnknownModelError
+from embedq.errors import INPUT_ERRORS, EncoderError, InvalidInputError, PoisonTaskError, StoreError
+from embedq.keys import delivery_key
 from embedq.requests import parse_embed_request
+from embedq.settings import get_settings
 from embedq.worker.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+# Failures of the encoder or the store may pass (OOM, a locked database): retried, bounded.
+RETRIED_ERRORS = (EncoderError, StoreError)
 
 
 def redact(args: Any, kwargs: dict[str, Any] | None) -> tuple[str, str]:
@@ -23,26 +34,81 @@ def redact(args: Any, kwargs: dict[str, Any] | None) -> tuple[str, str]:
     return f"({', '.join(map(repr, [*named, f'<{count} items>']))})", repr(shown)
 
 
+def count_delivery(task_id: str, retries: int, ttl_s: int) -> int:
+    """How many times this attempt of this task has now been handed to a worker."""
+    pipe = shared_client().pipeline(transaction=False)
+    key = delivery_key(task_id, retries)
+    pipe.incr(key)
+    pipe.expire(key, ttl_s)
+    return int(pipe.execute()[0])
+
+
 class EmbedTask(Task):
-    """Keeps document text out of ``argsrepr``/``kwargsrepr``."""
+    """Validates before sending, keeps document text out of reprs, stops poison tasks."""
 
     # Results are vectors: logs and Flower get a short preview, not thousands of floats.
     resultrepr_maxsize = 120
+    #: Parses the task's arguments on the caller's side; bad input never reaches the queue.
+    validate: Callable[..., Any] | None = None
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        """Publish with redacted argument reprs (see :func:`redact`)."""
+        """Validate, then publish with redacted argument reprs (see :func:`redact`)."""
+        self._check(args, kwargs)
         argsrepr, kwargsrepr = redact(args, kwargs)
         options.setdefault("argsrepr", argsrepr)
         options.setdefault("kwargsrepr", kwargsrepr)
         return super().apply_async(args, kwargs, **options)
 
+    def _check(self, args: Any, kwargs: Any) -> None:
+        if self.validate is None:
+            return
+        bound = self._bind(args, kwargs)
+        wanted = inspect.signature(self.validate).parameters
+        self.validate(**{k: v for k, v in bound.items() if k in wanted})
 
-@app.task(
-    name="embedq.embed_texts",
-    base=EmbedTask,
-    # Expected errors: reported to the caller, not logged with a traceback.
-    throws=(InvalidInputError, UnknownModelError),
-)
+    def _bind(self, args: Any, kwargs: Any) -> dict[str, Any]:
+        """The call's arguments by name; a wrong call is the caller's error, by name."""
+        try:
+            return inspect.signature(self.run).bind(*(args or ()), **(kwargs or {})).arguments
+        except TypeError as exc:
+            raise InvalidInputError(f"{self.name}: {exc}") from exc
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task unless workers already died running this very attempt too often."""
+        self._bind(args, kwargs)
+        request = self.request
+        if request.id and not request.is_eager:
+            settings = get_settings()
+            count = count_delivery(request.id, request.retries, _delivery_ttl_s(settings))
+            if count > settings.task_max_deliveries:
+                raise PoisonTaskError(
+                    f"task {request.id} was delivered {count} times and its worker died each "
+                    "time before finishing; not running it again"
+                )
+        return super().__call__(*args, **kwargs)
+
+
+def _delivery_ttl_s(settings: Any) -> int:
+    # Outlives every redelivery: each comes one visibility timeout (2x the hard limit) later.
+    return settings.task_time_limit_s * 2 * (settings.task_max_deliveries + 2)
+
+
+def retry_options() -> dict[str, Any]:
+    """Options of the tasks that do work: bounded retries with exponential backoff and jitter;
+    expected errors (``throws``) are reported to the caller without a traceback."""
+    settings = get_settings()
+    return {
+        "base": EmbedTask,
+        "throws": (*INPUT_ERRORS, PoisonTaskError),
+        "autoretry_for": RETRIED_ERRORS,
+        "max_retries": settings.task_max_retries,
+        "retry_backoff": settings.task_retry_backoff_s,
+        "retry_backoff_max": settings.task_retry_backoff_max_s,
+        "retry_jitter": True,
+    }
+
+
+@app.task(name="embedq.embed_texts", **retry_options())
 def embed_texts(
     texts: list[str],
     model: str | None = None,
@@ -58,3 +124,6 @@ def embed_texts(
     """
     request = parse_embed_request(texts, model, normalize, collection, ids, metadata)
     return get_runtime().embed(request)
+
+
+embed_texts.validate = parse_embed_request

@@ -5,19 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from embedq.app import app
-from embedq.errors import InvalidInputError, UnknownModelError
 from embedq.indexes import rebuild_changed
 from embedq.requests import parse_documents
 from embedq.settings import get_settings
-from embedq.tasks.embed import EmbedTask
+from embedq.tasks.embed import retry_options
 from embedq.worker.runtime import get_runtime
 
 
-@app.task(
-    name="embedq.ingest_documents",
-    base=EmbedTask,
-    throws=(InvalidInputError, UnknownModelError),
-)
+@app.task(name="embedq.ingest_documents", **retry_options())
 def ingest_documents(
     collection: str,
     documents: list[dict[str, Any]],
@@ -28,6 +23,9 @@ def ingest_documents(
     are stored already with the same text; returns counts."""
     request = parse_documents(collection, documents, model)
     return get_runtime().ingest(request, dict(chunks or {}))
+
+
+ingest_documents.validate = parse_documents
 
 
 @app.task(name="embedq.rebuild_index")

@@ -21,6 +21,7 @@ import numpy as np
 from embedq import metrics
 from embedq.errors import EncoderError
 from embedq.keys import vector_key
+from embedq.worker.budget import BudgetTuner
 from embedq.worker.cache import Cache, pack_vector, unpack_vector
 from embedq.worker.encoder import Encoder, Tokenized, is_out_of_memory
 
@@ -82,12 +83,13 @@ def encode_all(
     max_tokens: int,
     max_items: int,
     on_batch: Callable[[int, int, int, float], None] | None = None,
+    on_oom: Callable[[], None] | None = None,
 ) -> Encoded:
     """Encode every tokenized text in packed batches, splitting any batch that fails."""
     out = Encoded(np.zeros((len(tok.ids), encoder.dim), dtype=np.float32))
     lengths = tok.lengths
     for positions in pack(lengths, max_tokens, max_items):
-        _encode_split(encoder, tok, lengths, positions, normalize, out, on_batch)
+        _encode_split(encoder, tok, lengths, positions, normalize, out, (on_batch, on_oom))
     return out
 
 
@@ -98,8 +100,9 @@ def _encode_split(
     positions: np.ndarray,
     normalize: bool,
     out: Encoded,
-    on_batch: Callable[[int, int, int, float], None] | None,
+    hooks: tuple[Callable[[int, int, int, float], None] | None, Callable[[], None] | None],
 ) -> None:
+    on_batch, on_oom = hooks
     start = time.perf_counter()
     try:
         out.vectors[positions] = encoder.embed_ids([tok.ids[i] for i in positions], normalize)
@@ -111,11 +114,13 @@ def _encode_split(
         # Halving isolates both out-of-memory batches and a single poisonous text.
         kind = "out of memory" if is_out_of_memory(exc) else type(exc).__name__
         log.warning("batch of %d failed (%s): splitting it in half", len(positions), kind)
+        if on_oom is not None and is_out_of_memory(exc):
+            on_oom()
         metrics.SPLITS.inc()
         _free_device_memory()
         half = len(positions) // 2
         for part in (positions[:half], positions[half:]):
-            _encode_split(encoder, tok, lengths, part, normalize, out, on_batch)
+            _encode_split(encoder, tok, lengths, part, normalize, out, hooks)
         return
     if on_batch is not None:
         batch = lengths[positions]
@@ -160,12 +165,21 @@ class Batcher:
         wait_s: float,
         max_batch_size: int,
         max_batch_tokens: int | None = None,
+        adaptive: bool = False,
+        latency_target_s: float | None = None,
     ) -> None:
         self.encoder = encoder
         self.cache = cache
         self.wait_s = wait_s
         self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens or encoder.max_batch_tokens
+        # A budget given here is fixed; otherwise the encoder's is where learning starts.
+        self.budget = BudgetTuner(
+            budget=max_batch_tokens or encoder.max_batch_tokens,
+            floor=encoder.max_seq_tokens,
+            cap=max(max_batch_tokens or 0, encoder.max_fit_tokens),
+            latency_target_s=latency_target_s,
+            adaptive=adaptive and not max_batch_tokens,
+        )
         self.stats = BatcherStats()
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="embedq-batcher", daemon=True)
@@ -182,8 +196,15 @@ class Batcher:
         self._queue.put(None)
         self._thread.join(timeout_s)
 
+    @property
+    def max_batch_tokens(self) -> int:
+        """The padded-token budget of the next batch (learned when adaptive)."""
+        return self.budget.budget
+
     def _record_batch(self, count: int, padded: int, tokens: int, seconds: float) -> None:
         self.stats.record_batch(count, padded, tokens, seconds)
+        self.budget.observe(padded, tokens, seconds)
+        metrics.BATCH_BUDGET.set(self.budget.budget)
         metrics.TEXTS.labels(self.encoder.device).inc(count)
         metrics.TOKENS.labels(self.encoder.device).inc(tokens)
         metrics.BATCH_SIZE.observe(count)
@@ -254,6 +275,7 @@ class Batcher:
             self.max_batch_tokens,
             self.max_batch_size,
             on_batch=self._record_batch,
+            on_oom=self.budget.too_big,
         )
         vectors[misses], truncated[misses] = enc.vectors, tok.truncated
         self.stats.failed_texts += len(enc.failed)

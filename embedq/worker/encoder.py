@@ -112,10 +112,15 @@ class Encoder(ABC):
         """Peak activation memory per padded token at sequence length ``seq_len``."""
 
     @property
+    def max_fit_tokens(self) -> int:
+        """Padded tokens of the largest batch the memory cap holds (never below one text)."""
+        fits = self.memory_cap // max(1, self.bytes_per_token(self.max_seq_tokens))
+        return max(self.max_seq_tokens, fits)
+
+    @property
     def max_batch_tokens(self) -> int:
         """Padded-token budget of one batch: the setting, lowered to fit the memory cap."""
-        fits = self.memory_cap // max(1, self.bytes_per_token(self.max_seq_tokens))
-        return max(self.max_seq_tokens, min(self.batch_tokens_setting, fits))
+        return max(self.max_seq_tokens, min(self.batch_tokens_setting, self.max_fit_tokens))
 
     def health(self) -> dict[str, Any]:
         """A small self-description; raises if the model cannot embed."""

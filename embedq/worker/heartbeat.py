@@ -47,6 +47,7 @@ class Heartbeat:
         encoder: Encoder,
         texts_encoded: Callable[[], int],
         extra: dict[str, Any] | None = None,
+        live: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.client = client
         self.queues = list(queues)
@@ -61,6 +62,8 @@ class Heartbeat:
             **(extra or {}),
         }
         self.texts_encoded = texts_encoded
+        # Figures that change while the worker runs (the learned batch budget).
+        self.live = live or dict
         self.texts_per_s: float | None = None
         self._last = (time.monotonic(), texts_encoded())
         self._stop = threading.Event()
@@ -102,6 +105,7 @@ class Heartbeat:
                 "texts_per_s": self.texts_per_s,
                 "texts_encoded": count,
                 **self.about,
+                **self.live(),
             }
         )
         pipe = self.client.pipeline(transaction=False)

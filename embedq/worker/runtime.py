@@ -38,6 +38,8 @@ class Runtime:
             self.cache,
             wait_s=settings.batch_wait_ms / 1000,
             max_batch_size=settings.max_batch_size,
+            adaptive=settings.adaptive_batch and not settings.max_batch_tokens,
+            latency_target_s=(settings.batch_latency_target_ms or 0) / 1000 or None,
         )
         self._store: Store | None = None
         self._store_lock = threading.Lock()

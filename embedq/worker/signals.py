@@ -17,8 +17,8 @@ from celery.signals import (
 )
 
 from embedq import metrics, slo
-from embedq.broker import shared_client
-from embedq.errors import InvalidInputError, UnknownModelError
+from embedq.broker import check_eviction_policy, shared_client
+from embedq.errors import INPUT_ERRORS
 from embedq.settings import get_settings
 from embedq.worker.heartbeat import Heartbeat
 from embedq.worker.runtime import close_runtime, get_runtime, slo_ttl_s
@@ -46,6 +46,11 @@ def _load_or_stop() -> bool:
     return True
 
 
+def _warn_on_eviction() -> None:
+    if warning := check_eviction_policy(shared_client()):
+        log.warning(warning)
+
+
 def _start_heartbeat(consumer: Any) -> None:
     runtime = get_runtime()
     queues = [q.name for q in consumer.task_consumer.queues]
@@ -57,6 +62,7 @@ def _start_heartbeat(consumer: Any) -> None:
         runtime.encoder,
         lambda: runtime.batcher.stats.texts_encoded,
         extra={"metrics_port": port, "pid": os.getpid()},
+        live=lambda: {"max_batch_tokens": runtime.batcher.max_batch_tokens},
     )
     beat.start()
     _heartbeats.append(beat)
@@ -65,6 +71,7 @@ def _start_heartbeat(consumer: Any) -> None:
 @worker_ready.connect
 def _warm_up(sender: Any = None, **_: Any) -> None:
     # With prefork the parent forks children later: CUDA must not start in the parent.
+    _warn_on_eviction()
     if not _is_prefork(sender) and _load_or_stop():
         _start_heartbeat(sender)
 
@@ -82,8 +89,6 @@ def _shut_down(**_: Any) -> None:
     close_runtime()
 
 
-# Errors that are the caller's: counted by kind, but not against the error-rate SLO.
-INPUT_ERRORS = (InvalidInputError, UnknownModelError)
 COUNTED_TASKS = frozenset({"embedq.embed_texts", "embedq.ingest_documents"})
 _started: dict[str, float] = {}
 

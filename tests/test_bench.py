@@ -1,0 +1,82 @@
+"""``embedq bench``: a tiny real run (real worker, Redis, model), and its pure pieces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embedq.bench import load_texts, table, with_db
+from embedq.errors import ConfigurationError
+from tests.conftest import ROOT, SHARED_DATA
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+def test_bench_measures_raw_and_pipeline_and_writes_json_and_png(tmp_path):
+    cmd = [str(BIN / "embedq"), "bench", "--data", "sick", "--data", "pydoc", "--device", "cpu"]
+    cmd += ["--limit", "40", "--repeats", "1", "--latency-n", "5", "--redis-db", "8"]
+    cmd += ["--out", str(tmp_path), "--data-dir", str(SHARED_DATA)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["device"], r["data"], r["texts"]) for r in report["rows"]] == [
+        ("cpu", "sick", 40),
+        ("cpu", "pydoc", 40),
+    ]
+    for row in report["rows"]:
+        assert row["raw_texts_per_s"] > 0 and row["pipeline_texts_per_s"] > 0 and row["ratio"] > 0
+        assert row["pipeline_tokens_per_s"] > row["pipeline_texts_per_s"]
+    (latency,) = report["latency"]
+    assert 0 < latency["pipeline"]["p50_ms"] <= latency["pipeline"]["p99_ms"]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| cpu | sick | 40 |" in done.stdout
+
+
+def test_bench_data_sets_and_errors(tmp_path):
+    if SHARED_DATA.is_dir():
+        sick, pydoc = load_texts("sick", SHARED_DATA), load_texts("pydoc", SHARED_DATA, 10)
+        assert len(sick) == len(set(sick)) > 1000 and len(pydoc) == 10
+        assert load_texts("mixed", SHARED_DATA, 4) == [pydoc[0], sick[0], pydoc[1], sick[1]]
+    with pytest.raises(ConfigurationError, match="unknown data set 'nope'"):
+        load_texts("nope", tmp_path)
+    with pytest.raises(ConfigurationError, match="benchmark data not found"):
+        load_texts("pydoc", tmp_path)
+
+
+def test_with_db_points_tcp_and_unix_urls_at_another_database():
+    assert with_db("redis://:pw@h:6379/0", 13) == "redis://:pw@h:6379/13"
+    assert with_db("redis://h:6379", 13) == "redis://h:6379/13"
+    assert with_db("unix:///tmp/r.sock?db=0", 13) == "unix:///tmp/r.sock?db=13"
+
+
+def test_table_lists_every_row_and_latency():
+    report = {
+        "rows": [
+            {
+                "device": "cpu",
+                "data": "sick",
+                "texts": 4500,
+                "raw_texts_per_s": 500.0,
+                "pipeline_texts_per_s": 900.0,
+                "pipeline_tokens_per_s": 12000,
+                "ratio": 1.8,
+            }
+        ],
+        "latency": [
+            {
+                "device": "cpu",
+                "raw": {"p50_ms": 10.0, "p99_ms": 14.0},
+                "pipeline": {"p50_ms": 11.0, "p99_ms": 20.0},
+                "p50_gap_ms": 1.0,
+            }
+        ],
+    }
+    text = table(report)
+    assert "| cpu | sick | 4,500 | 500.0 | 900.0 | 12,000 | **1.8x** |" in text
+    assert "| cpu | 10.0 / 14.0 | 11.0 / 20.0 | 1.0 |" in text

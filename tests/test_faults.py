@@ -1,0 +1,480 @@
+"""Faults with real processes: kill -9 a worker, restart Redis, four workers on one SQLite
+file, an encoder that always crashes on one text, a worker that dies on one task.
+
+Each test ingests through the real CLI into a real store and then counts rows: every id
+stored exactly once, none lost. Figures are printed (``pytest -s``) for docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import event, text
+
+from embedq import codec
+from embedq.broker import connect
+from embedq.errors import StoreError
+from embedq.indexes import IndexCache, build_index, index_dir, rebuild_changed
+from embedq.indexes import blob_name as index_blob
+from embedq.keys import DELIVERY_PREFIX, content_hash
+from embedq.storage import Item, create_store
+from tests.conftest import ROOT
+from tests.test_processes import BIN, _env, _redis_db, worker_process
+
+pytestmark = pytest.mark.slow
+
+# Short limits make Redis hand a dead worker's tasks to another within ~30 s
+# (the visibility timeout is twice the hard limit).
+FAST_REDELIVERY = {"EMBEDQ_TASK_TIME_LIMIT_S": "15", "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "12"}
+
+
+PASSWORD = "pw-" + uuid.uuid4().hex[:12]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def redis_server(folder: Path, password: str | None = None) -> Iterator[list[str]]:
+    """A private redis-server (AOF fsync always, as docs/reliability.md advises); yields
+    its command line so a test can start it again after a restart."""
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server (Debian package) is not installed")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--dir", str(folder), "--save", ""]
+    cmd += ["--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"]
+    if password:
+        cmd += ["--requirepass", password]
+    procs = [start_redis(cmd)]
+    try:
+        yield cmd
+    finally:
+        subprocess.run(["pkill", "-f", f"redis-server .*:{port}"], check=False)
+        for proc in procs:
+            proc.kill()
+
+
+def start_redis(cmd: list[str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not port_answers(int(cmd[cmd.index("--port") + 1])):
+        raise RuntimeError(f"redis-server did not start: {cmd}")
+    return proc
+
+
+def port_answers(port: int, timeout_s: float = 10) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def corpus(path: Path, n: int) -> list[dict[str, str]]:
+    """``n`` distinct short documents, written as JSONL."""
+    run = uuid.uuid4().hex[:8]
+    docs = [
+        {"id": f"doc-{i}", "text": f"Document {i} of run {run} is about topic {i * 7919 % 997}."}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return docs
+
+
+def start_ingest(path: Path, collection: str, env: dict[str, str], *extra: str):
+    cmd = [str(BIN / "embedq"), "ingest", str(path), "--collection", collection, "--json"]
+    return subprocess.Popen(
+        [*cmd, *extra], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout_s: float = 600) -> dict[str, object]:
+    out, err = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_rows(store, collection: str, at_least: int, timeout_s: float = 300) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (count := store.count(collection)) < at_least:
+        assert time.monotonic() < deadline, f"only {count} rows after {timeout_s} s"
+        time.sleep(0.2)
+    return count
+
+
+def audit(db_url: str, collection: str, docs: list[dict[str, str]]) -> dict[str, int]:
+    """Rows per id and whether each row holds its own text: lost and duplicated counts."""
+    store = create_store(db_url)
+    with store.engine.connect() as conn:  # type: ignore[attr-defined]
+        rows = conn.execute(
+            text(
+                "SELECT external_id, content_hash, COUNT(*) FROM embedq_items "
+                "WHERE collection = :c GROUP BY external_id, content_hash"
+            ),
+            {"c": collection},
+        ).all()
+    store.close()
+    stored = {row[0]: row[1] for row in rows}
+    expected = {d["id"]: content_hash(d["text"]) for d in docs}
+    figures = {
+        "attempted": len(docs),
+        "stored": sum(1 for i, h in expected.items() if stored.get(i) == h),
+        "lost": sum(1 for i in expected if i not in stored),
+        "duplicated": sum(int(row[2]) - 1 for row in rows),
+        "wrong": sum(1 for i, h in stored.items() if expected.get(i) != h),
+    }
+    print(f"\nFIGURES {collection}: {json.dumps(figures)}")
+    return figures
+
+
+def isolated_env(tmp_path: Path, redis_url: str, **extra: str) -> dict[str, str]:
+    return _env(
+        EMBEDQ_REDIS_URL=redis_url,
+        EMBEDQ_DATABASE_URL=f"sqlite:///{tmp_path / 'faults.db'}",
+        EMBEDQ_DATA_DIR=str(tmp_path / "data"),
+        EMBEDQ_WORKER_CONCURRENCY="4",
+        EMBEDQ_METRICS_PORT="0",
+        **extra,
+    )
+
+
+def own_redis_db(db: int) -> str:
+    url = _redis_db(os.environ["EMBEDQ_REDIS_URL"], db)
+    if not url.startswith("redis://"):
+        pytest.skip("needs a TCP Redis to give the subprocess workers their own database")
+    connect(url).flushdb()
+    return url
+
+
+WORKER = [str(BIN / "embedq"), "worker", "--queue", "cpu"]
+
+
+@contextmanager
+def logged_worker(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """A worker process logging to ``log`` (a pipe nobody reads would stall it)."""
+    with log.open("a") as handle:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=handle, stderr=handle)
+        try:
+            yield proc
+        finally:
+            _stop(proc)
+
+
+def redelivered(url: str) -> int:
+    """Task attempts handed to a worker more than once (the delivery counters)."""
+    client = connect(url)
+    return sum(int(client.get(k) or 0) > 1 for k in client.scan_iter(f"{DELIVERY_PREFIX}:*"))
+
+
+def test_kill_9_worker_mid_ingest_loses_and_duplicates_nothing(tmp_path):
+    env = isolated_env(tmp_path, own_redis_db(11), **FAST_REDELIVERY)
+    docs = corpus(tmp_path / "docs.jsonl", 5000)
+    store = create_store(env["EMBEDQ_DATABASE_URL"])
+    log = tmp_path / "worker.log"
+    ingest = start_ingest(tmp_path / "docs.jsonl", "killed", env)
+    try:
+        with logged_worker(WORKER, env, log) as first:
+            at_kill = wait_rows(store, "killed", 1500)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        with logged_worker(WORKER, env, log):
+            summary = finish(ingest)
+    finally:
+        ingest.kill()
+    figures = audit(env["EMBEDQ_DATABASE_URL"], "killed", docs)
+    again = redelivered(env["EMBEDQ_REDIS_URL"])
+    print(
+        f"kill -9 at {at_kill} stored; {again} tasks redelivered; summary stored "
+        f"{summary['stored']} skipped {summary['skipped']}"
+    )
+    assert again >= 1, "the killed worker held tasks that another worker then ran"
+    assert summary["failed"] == 0
+    assert summary["stored"] + summary["skipped"] == 5000
+    assert figures == {"attempted": 5000, "stored": 5000, "lost": 0, "duplicated": 0, "wrong": 0}
+
+
+def test_redis_restart_mid_ingest_loses_nothing(tmp_path):
+    # With a password, as production Redis has: it must never show in a log.
+    with redis_server(tmp_path / "redis", password=PASSWORD) as cmd:
+        url = f"redis://:{PASSWORD}@127.0.0.1:{cmd[cmd.index('--port') + 1]}/0"
+        # A task whose ack the outage lost comes back after the visibility timeout: keep it short.
+        env = isolated_env(tmp_path, url, **FAST_REDELIVERY)
+        docs = corpus(tmp_path / "docs.jsonl", 3000)
+        store = create_store(env["EMBEDQ_DATABASE_URL"])
+        log = tmp_path / "worker.log"
+        with logged_worker(WORKER, env, log):
+            ingest = start_ingest(tmp_path / "docs.jsonl", "restart", env)
+            at_stop = wait_rows(store, "restart", 800)
+            # Saves the append-only file, as a restart would (a client that does not retry).
+            redis.Redis.from_url(url).shutdown()
+            time.sleep(3)
+            start_redis(cmd)
+            try:
+                summary = finish(ingest, timeout_s=240)
+            finally:
+                ingest.kill()
+        again = redelivered(url)
+    figures = audit(env["EMBEDQ_DATABASE_URL"], "restart", docs)
+    print(f"Redis down 3 s at {at_stop} stored; {again} tasks redelivered")
+    assert "Connection to broker lost" in log.read_text(), "the worker saw the outage"
+    assert PASSWORD not in log.read_text() + json.dumps(summary)
+    assert summary["failed"] == 0, summary["failures"]
+    assert figures == {"attempted": 3000, "stored": 3000, "lost": 0, "duplicated": 0, "wrong": 0}
+
+
+def test_four_workers_on_one_sqlite_file_lose_nothing_to_locks(tmp_path):
+    env = isolated_env(tmp_path, own_redis_db(11))
+    docs = corpus(tmp_path / "docs.jsonl", 2000)
+    logs = [tmp_path / f"worker{i}.log" for i in range(4)]
+    with ExitStack() as stack:
+        for i, log in enumerate(logs):
+            stack.enter_context(logged_worker([*WORKER, "--hostname", f"w{i}@%h"], env, log))
+        _wait_for_heartbeats(env["EMBEDQ_REDIS_URL"], 4)
+        summary = finish(
+            start_ingest(
+                tmp_path / "docs.jsonl",
+                "sqlite4",
+                env,
+                "--chunk-size",
+                "8",
+                "--max-in-flight",
+                "64",
+            )
+        )
+    output = "".join(log.read_text() for log in logs)
+    served = [log.read_text().count("succeeded in") for log in logs]
+    print(
+        f"\ntasks per worker: {served}; 'database is locked' lines: "
+        f"{output.count('database is locked')}"
+    )
+    figures = audit(env["EMBEDQ_DATABASE_URL"], "sqlite4", docs)
+    assert summary["failed"] == 0, summary["failures"]
+    assert all(served), f"every worker took tasks: {served}"
+    assert figures == {"attempted": 2000, "stored": 2000, "lost": 0, "duplicated": 0, "wrong": 0}
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _wait_for_heartbeats(url: str, count: int, timeout_s: float = 240) -> None:
+    client = connect(url)
+    deadline = time.monotonic() + timeout_s
+    while len(list(client.scan_iter("embedq:hb:cpu:*"))) < count:
+        assert time.monotonic() < deadline, "the workers did not come up"
+        time.sleep(0.5)
+
+
+# Runs the real worker, with one fault planted in the real encoder (or the process).
+FAULTY_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from embedq.worker import torch_encoder
+    MARK = "zyzzyva-poison"
+    Encoder = torch_encoder.TorchEncoder
+    real_tokenize, real_embed = Encoder.tokenize, Encoder.embed_ids
+    poisoned = set()
+
+    def tokenize(self, texts):
+        tok = real_tokenize(self, texts)
+        poisoned.update(tuple(ids) for ids, t in zip(tok.ids, texts) if MARK in t)
+        return tok
+
+    def embed_ids(self, ids, normalize):
+        if any(tuple(i) in poisoned for i in ids):
+            if os.environ.get("FAULT") == "die":
+                os._exit(137)  # as the kernel's OOM killer would
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (planted)")
+        return real_embed(self, ids, normalize)
+
+    Encoder.tokenize, Encoder.embed_ids = tokenize, embed_ids
+    from embedq.cli import main
+    sys.argv = ["embedq", "worker", "--queue", "cpu"]
+    main()
+    """
+)
+
+
+def test_a_task_that_always_crashes_the_encoder_fails_after_bounded_retries(tmp_path):
+    url = own_redis_db(11)
+    env = isolated_env(tmp_path, url, EMBEDQ_TASK_MAX_RETRIES="2", EMBEDQ_TASK_RETRY_BACKOFF_S="1")
+    code = textwrap.dedent(
+        """
+        import json, sys, time
+        from embedq.tasks import embed_texts
+        bad = embed_texts.delay(["fine text", "a zyzzyva-poison text"])
+        good = [embed_texts.delay([f"good text {i}"]) for i in range(10)]
+        shapes = [list(r.get(timeout=120).shape) for r in good]
+        try:
+            bad.get(timeout=120)
+            outcome = "succeeded"
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        print(json.dumps({"id": bad.id, "state": bad.state, "outcome": outcome, "shapes": shapes}))
+        """
+    )
+    with worker_process([sys.executable, "-c", FAULTY_WORKER], env):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    attempts = len(list(connect(url).scan_iter(f"{DELIVERY_PREFIX}:{result['id']}:*")))
+    print(f"\npoison task: {attempts} attempts, {result['outcome']}")
+    assert result["state"] == "FAILURE"
+    assert result["outcome"].startswith("EncoderError: 1 of 2 texts could not be encoded")
+    assert "illegal memory access" in result["outcome"]
+    assert attempts == 3, "the first try and two retries, then it stops"
+    assert result["shapes"] == [[1, 384]] * 10, "the other tasks finish"
+
+
+def test_a_task_that_kills_its_worker_is_stopped_as_poison(tmp_path):
+    url = own_redis_db(11)
+    limits = {"EMBEDQ_TASK_TIME_LIMIT_S": "5", "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "4"}
+    env = isolated_env(tmp_path, url, FAULT="die", EMBEDQ_TASK_MAX_DELIVERIES="2", **limits)
+    bad = send(env, ["zyzzyva-poison"])
+    backend, deaths = connect(url), 0
+    deadline = time.monotonic() + 240
+    while task_meta(backend, bad).get("status") != "FAILURE" and time.monotonic() < deadline:
+        with worker_process([sys.executable, "-c", FAULTY_WORKER], env) as worker:
+            while worker.poll() is None and time.monotonic() < deadline:
+                if task_meta(backend, bad).get("status") == "FAILURE":
+                    break
+                time.sleep(0.5)
+            deaths += worker.poll() == 137
+    meta = task_meta(backend, bad)
+    print(f"\nworker deaths: {deaths}; final: {meta.get('result')}")
+    assert meta.get("status") == "FAILURE"
+    assert meta["result"]["exc_type"] == "PoisonTaskError"
+    assert deaths == 2, "two deliveries were allowed, the third was refused"
+    # The queue is clean again: the next task on a worker (faulty as before) succeeds.
+    good = send(env, ["a healthy text"])
+    with worker_process([sys.executable, "-c", FAULTY_WORKER], env):
+        while task_meta(backend, good).get("status") is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert task_meta(backend, good).get("status") == "SUCCESS"
+
+
+def send(env: dict[str, str], texts: list[str]) -> str:
+    """Queue one embed task from a client process of ``env``; its id."""
+    code = (
+        "import sys, json; from embedq.tasks import embed_texts; "
+        "print(embed_texts.apply_async((json.loads(sys.argv[1]),), queue='cpu').id)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(texts)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def task_meta(client, task_id: str) -> dict:
+    """The stored result of a task (our msgpack codec), or {} while it has none."""
+    raw = client.get(f"celery-task-meta-{task_id}")
+    return codec.loads(raw) if raw else {}
+
+
+def _items(collection: str, texts: list[str], vectors, start: int = 0) -> list[Item]:
+    return [
+        Item(collection, f"i{start + n}", t, v, "m", content_hash(t), {"n": start + n})
+        for n, (t, v) in enumerate(zip(texts, vectors, strict=True))
+    ]
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_a_full_disk_fails_clearly_writes_nothing_half_and_keeps_the_old_index(tmp_path, raw_model):
+    store = create_store(f"sqlite:///{tmp_path / 'full.db'}")
+    texts = [
+        f"note {i}: the weather in city {i % 37} is {('sunny', 'rainy')[i % 2]}" for i in range(600)
+    ]
+    vectors = raw_model.encode(texts, normalize_embeddings=True)
+    store.upsert(_items("c", texts[:300], vectors[:300]))
+    assert build_index(store, "c", tmp_path / "builder")[0] == 1
+    cache = IndexCache(store, tmp_path / "searcher", check_interval_s=0)
+    assert cache.get("c").version == 1
+
+    # Disk full: SQLite may not grow the file by one page more (its own ENOSPC path).
+    with store.engine.connect() as conn:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+    cap = lambda dbapi, _: dbapi.execute(f"PRAGMA max_page_count={pages}")  # noqa: E731
+    event.listen(store.engine, "connect", cap)
+    store.engine.dispose()
+    with pytest.raises(StoreError, match=r"could not write 300 items: .*full"):
+        store.upsert(_items("c", texts[300:], vectors[300:], start=300))
+    assert store.count("c") == 300, "no partial rows"
+    with pytest.raises(StoreError, match=r"could not publish an index: .*full"):
+        build_index(store, "c", tmp_path / "builder")
+    assert store.blob_version(index_blob("c"))[0] == 1
+    assert rebuild_changed(store, tmp_path / "builder") == {"c": "unchanged"}
+    labels, _ = cache.get("c").index.query(vectors[:1], 1)
+    assert cache.get("c").version == 1 and len(labels[0]) == 1, "the old index still serves"
+
+    # Space again: v2 is published; the searcher's own disk is full when it fetches it.
+    event.remove(store.engine, "connect", cap)
+    store.engine.dispose()
+    store.upsert(_items("c", texts[300:], vectors[300:], start=300))
+    assert rebuild_changed(store, tmp_path / "builder")["c"]["count"] == 600
+    folder = index_dir(tmp_path / "searcher", "c")
+    trap = folder / f".v2.blob.{os.getpid()}.tmp"
+    trap.symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    assert cache.get("c").version == 1, "v2 could not be stored locally: v1 kept"
+    assert not trap.exists() and not (folder / "v2.blob").exists(), "no half-written file"
+    assert cache.get("c").version == 2, "with space back, the next check loads v2"
+    store.close()
+
+
+def test_a_read_only_postgres_store_fails_the_ingest_clearly(tmp_path, postgres_url):
+    read_only = postgres_url + "?options=-c%20default_transaction_read_only%3Don"
+    env = isolated_env(
+        tmp_path, own_redis_db(11), EMBEDQ_TASK_MAX_RETRIES="1", EMBEDQ_TASK_RETRY_BACKOFF_S="1"
+    )
+    env["EMBEDQ_DATABASE_URL"] = read_only
+    create_store(postgres_url).close()  # the tables exist; only writes are refused
+    corpus(tmp_path / "docs.jsonl", 100)
+    collection = f"ro-{uuid.uuid4().hex[:6]}"
+    with logged_worker(WORKER, env, tmp_path / "worker.log"):
+        proc = start_ingest(tmp_path / "docs.jsonl", collection, env, "--chunk-size", "50")
+        out, _ = proc.communicate(timeout=300)
+    summary = json.loads(out.strip().splitlines()[-1])
+    print(f"\nread-only store: {summary['failed']} failed; {summary['failures'][0]['reason']}")
+    assert proc.returncode == 1, "documents not stored make the exit status 1"
+    assert summary["failed"] == 100 and summary["stored"] == 0
+    assert "StoreError: could not" in summary["failures"][0]["reason"]
+    assert "read-only transaction" in summary["failures"][0]["reason"]
+    assert create_store(postgres_url).count(collection) == 0

@@ -1,0 +1,66 @@
+"""Waiting for a result across Redis trouble (pure logic: the result object is scripted)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from embedq import broker
+from embedq.broker import get_result
+
+
+class ScriptedResult:
+    """Stands in for ``AsyncResult``: ``get`` raises the scripted errors in turn; once the
+    stored state has been read (``ready``) and the task is done, ``get`` returns at once."""
+
+    def __init__(self, errors: list[Exception], done: bool = True) -> None:
+        self.errors, self.done, self.cached, self.gets = errors, done, False, 0
+
+    def get(self, timeout: float) -> str:
+        self.gets += 1
+        if self.cached:
+            return "vectors"
+        if self.errors:
+            raise self.errors.pop(0)
+        time.sleep(min(timeout, 0.05))
+        raise CeleryTimeout("no message")
+
+    def ready(self) -> bool:
+        self.cached = self.done
+        return self.done
+
+
+@pytest.fixture(autouse=True)
+def short_polls(monkeypatch):
+    monkeypatch.setattr(broker, "RESULT_POLL_S", 0.05)
+    monkeypatch.setattr(broker, "RECONNECT_PAUSE_S", 0.01)
+
+
+def test_a_missed_result_message_is_found_by_reading_the_stored_state():
+    # The pub/sub message never comes (celery#4857); the stored result is there.
+    result = ScriptedResult([CeleryTimeout("missed")])
+    assert get_result(result, timeout_s=5) == "vectors"
+    assert result.gets == 2
+
+
+def test_a_redis_outage_is_waited_out():
+    result = ScriptedResult([redis.ConnectionError("down"), redis.ConnectionError("down")])
+    assert get_result(result, timeout_s=5) == "vectors"
+
+
+def test_a_task_that_never_finishes_times_out_at_its_limit():
+    result = ScriptedResult([], done=False)
+    started = time.monotonic()
+    with pytest.raises(CeleryTimeout):
+        get_result(result, timeout_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert result.gets >= 3, "polled in slices, not one long wait"
+
+
+def test_an_outage_longer_than_the_timeout_raises_the_connection_error():
+    result = ScriptedResult([redis.ConnectionError("down")] * 1000, done=False)
+    with pytest.raises(redis.ConnectionError):
+        get_result(result, timeout_s=0.2)
