@@ -168,6 +168,7 @@ class BenchOptions:
     chunk: int = 64
     limit: int | None = None
     latency_n: int = 200
+    command: str = "embedq bench"
 
 
 def available_devices() -> list[str]:
@@ -192,15 +193,27 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
     env = {"EMBEDQ_REDIS_URL": opts.redis_url, "EMBEDQ_LRU_ITEMS": "1", "EMBEDQ_DEVICE": device}
     with worker(queue, env):
         get_result(embed_texts_async(["warm-up"], queue), WORKER_START_TIMEOUT_S)
-        piped = {
-            name: pipeline_seconds(texts, queue, opts.chunk, opts.repeats, flush)
-            for name, texts in data.items()
-        }
+        piped, budgets = {}, {}
+        for name, texts in data.items():
+            piped[name] = pipeline_seconds(texts, queue, opts.chunk, opts.repeats, flush)
+            budgets[name] = worker_budget(opts.redis_url, queue)
         lat = pipeline_latency(one_by_one, queue)
     rows = [_row(device, name, len(data[name]), raw[name], piped[name]) for name in data]
+    for row in rows:
+        row["batch_budget_tokens"] = budgets[row["data"]]
     gap = round(lat["p50_ms"] - raw_lat["p50_ms"], 2)
     latency = {"device": device, "raw": raw_lat, "pipeline": lat, "p50_gap_ms": gap}
     return {"rows": rows, "latency": latency}
+
+
+def worker_budget(url: str, queue: str) -> int | None:
+    """The token budget the worker has learned, from its next heartbeat."""
+    from embedq.status import read_workers
+    from embedq.worker.heartbeat import INTERVAL_S
+
+    time.sleep(INTERVAL_S + 0.5)
+    workers = read_workers(connect(url)).get(queue) or [{}]
+    return workers[0].get("max_batch_tokens")
 
 
 def _latency_texts(data: dict[str, list[str]], n: int) -> list[str]:
@@ -235,7 +248,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     devices = opts.devices or available_devices()
     parts = [bench_device(device, opts, data) for device in devices]
     report = {
-        "command": "embedq bench " + " ".join(sys.argv[1:]),
+        "command": opts.command,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "repeats": opts.repeats,
@@ -278,13 +291,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def table(report: dict[str, Any]) -> str:
     """The report as the Markdown tables of docs/benchmarks.md."""
     lines = [
-        "| device | data | texts | raw texts/s | pipeline texts/s | pipeline tokens/s | ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| device | data | texts | raw texts/s | pipeline texts/s | pipeline tokens/s | ratio "
+        "| learned budget |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['device']} | {r['data']} | {r['texts']:,} | {r['raw_texts_per_s']} | "
-            f"{r['pipeline_texts_per_s']} | {r['pipeline_tokens_per_s']:,} | **{r['ratio']}x** |"
+            f"{r['pipeline_texts_per_s']} | {r['pipeline_tokens_per_s']:,} | **{r['ratio']}x** | "
+            f"{r.get('batch_budget_tokens') or '-'} |"
         )
     lines += ["", "| device | raw p50 / p99 ms | pipeline p50 / p99 ms | p50 gap ms |"]
     lines.append("| --- | --- | --- | --- |")

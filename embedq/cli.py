@@ -292,15 +292,16 @@ def bench(
     from embedq.broker import redis_url
 
     options = BenchOptions(
-        with_db(redis_url(), redis_db),
-        out,
-        data_dir,
-        data,
-        device or None,
-        repeats,
-        chunk,
-        limit,
-        latency_n,
+        redis_url=with_db(redis_url(), redis_db),
+        out=out,
+        data_dir=data_dir,
+        datasets=data,
+        devices=device or None,
+        repeats=repeats,
+        chunk=chunk,
+        limit=limit,
+        latency_n=latency_n,
+        command=" ".join(["embedq", *sys.argv[1:]]),
     )
     spec = json.dumps(asdict(options), default=str)
     env = os.environ | {"EMBEDQ_REDIS_URL": options.redis_url, "EMBEDQ_LRU_ITEMS": "1"}

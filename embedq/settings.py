@@ -34,6 +34,7 @@ class Settings(BaseSettings):
         description="Model name or a local sentence-transformers directory.",
     )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cuda, mps or cpu.")
+    gpu_dtype: str = Field("float16", description="Weights on cuda: float16, bfloat16, float32.")
     cpu_backend: str = Field(
         "onnx-int8",
         description="Encoder on a CPU device: onnx-int8 (ONNX Runtime int8, faster) or "

@@ -69,6 +69,31 @@ class FakeEncoder:
         self.batch_sizes.append(len(ids))
         return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
 
+    def launch(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
+        return self.embed_ids(ids, normalize)
+
+    def fetch(self, handle: np.ndarray) -> np.ndarray:
+        return handle
+
+
+class FakeAsyncEncoder(FakeEncoder):
+    """Like a cuda encoder: ``launch`` returns at once, the work (and its errors) comes at
+    ``fetch``; the log shows the overlap."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.log: list[str] = []
+
+    def launch(self, ids: list[list[int]], normalize: bool) -> list[list[int]]:
+        if len(ids) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.log.append(f"launch {ids[0][0]}")
+        return ids
+
+    def fetch(self, handle: list[list[int]]) -> np.ndarray:
+        self.log.append(f"fetch {handle[0][0]}")
+        return self.embed_ids(handle, True)
+
 
 def _tok(n: int) -> Tokenized:
     return Tokenized([[i] * (1 + i % 3) for i in range(n)], np.zeros(n, dtype=bool))
@@ -89,6 +114,26 @@ def test_a_poisonous_text_fails_alone():
     assert "poisoned" in out.failed[5]
     good = [i for i in range(16) if i != 5]
     assert out.vectors[good, 0].tolist() == good
+
+
+def test_the_next_batch_starts_before_the_last_is_fetched():
+    encoder = FakeAsyncEncoder()
+    out = encode_all(encoder, _tok(6), True, max_tokens=1000, max_items=2)
+    assert out.vectors[:, 0].tolist() == list(range(6)) and out.failed == {}
+    # Longest first: batches start at 5, 2 (lengths 3,3 then 2,2), then 0 and 3... as packed.
+    kinds = [entry.split()[0] for entry in encoder.log]
+    assert kinds == ["launch", "launch", "fetch", "launch", "fetch", "fetch"]
+
+
+def test_a_batch_failing_late_or_early_is_redone_split_and_oom_is_reported():
+    oom: list[int] = []
+    late = FakeAsyncEncoder(poison=4)
+    out = encode_all(late, _tok(8), True, max_tokens=1000, max_items=4)
+    assert list(out.failed) == [4]
+    early = FakeAsyncEncoder(oom_above=2)
+    out = encode_all(early, _tok(8), True, 1000, 4, on_oom=lambda: oom.append(1))
+    assert out.failed == {} and out.vectors[:, 0].tolist() == list(range(8))
+    assert oom, "the tuner hears of the out-of-memory split"
 
 
 def test_on_batch_reports_padded_cost():

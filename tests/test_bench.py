@@ -32,6 +32,7 @@ def test_bench_measures_raw_and_pipeline_and_writes_json_and_png(tmp_path):
     for row in report["rows"]:
         assert row["raw_texts_per_s"] > 0 and row["pipeline_texts_per_s"] > 0 and row["ratio"] > 0
         assert row["pipeline_tokens_per_s"] > row["pipeline_texts_per_s"]
+        assert row["batch_budget_tokens"] >= 128, "the worker's heartbeat reports its budget"
     (latency,) = report["latency"]
     assert 0 < latency["pipeline"]["p50_ms"] <= latency["pipeline"]["p99_ms"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -66,6 +67,7 @@ def test_table_lists_every_row_and_latency():
                 "pipeline_texts_per_s": 900.0,
                 "pipeline_tokens_per_s": 12000,
                 "ratio": 1.8,
+                "batch_budget_tokens": 4096,
             }
         ],
         "latency": [
@@ -78,5 +80,5 @@ def test_table_lists_every_row_and_latency():
         ],
     }
     text = table(report)
-    assert "| cpu | sick | 4,500 | 500.0 | 900.0 | 12,000 | **1.8x** |" in text
+    assert "| cpu | sick | 4,500 | 500.0 | 900.0 | 12,000 | **1.8x** | 4096 |" in text
     assert "| cpu | 10.0 / 14.0 | 11.0 / 20.0 | 1.0 |" in text

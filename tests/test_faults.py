@@ -238,6 +238,7 @@ def test_redis_restart_mid_ingest_loses_nothing(tmp_path):
     figures = audit(env["EMBEDQ_DATABASE_URL"], "restart", docs)
     print(f"Redis down 3 s at {at_stop} stored; {again} tasks redelivered")
     assert "Connection to broker lost" in log.read_text(), "the worker saw the outage"
+    assert "Unrecoverable error" not in log.read_text(), "the worker survived it"
     assert PASSWORD not in log.read_text() + json.dumps(summary)
     assert summary["failed"] == 0, summary["failures"]
     assert figures == {"attempted": 3000, "stored": 3000, "lost": 0, "duplicated": 0, "wrong": 0}
@@ -297,7 +298,8 @@ FAULTY_WORKER = textwrap.dedent(
     from embedq.worker import torch_encoder
     MARK = "zyzzyva-poison"
     Encoder = torch_encoder.TorchEncoder
-    real_tokenize, real_embed = Encoder.tokenize, Encoder.embed_ids
+    # Every forward pass starts in launch (embed_ids goes through it too).
+    real_tokenize, real_launch = Encoder.tokenize, Encoder.launch
     poisoned = set()
 
     def tokenize(self, texts):
@@ -305,14 +307,14 @@ FAULTY_WORKER = textwrap.dedent(
         poisoned.update(tuple(ids) for ids, t in zip(tok.ids, texts) if MARK in t)
         return tok
 
-    def embed_ids(self, ids, normalize):
+    def launch(self, ids, normalize):
         if any(tuple(i) in poisoned for i in ids):
             if os.environ.get("FAULT") == "die":
                 os._exit(137)  # as the kernel's OOM killer would
             raise RuntimeError("CUDA error: an illegal memory access was encountered (planted)")
-        return real_embed(self, ids, normalize)
+        return real_launch(self, ids, normalize)
 
-    Encoder.tokenize, Encoder.embed_ids = tokenize, embed_ids
+    Encoder.tokenize, Encoder.launch = tokenize, launch
     from embedq.cli import main
     sys.argv = ["embedq", "worker", "--queue", "cpu"]
     main()

@@ -18,11 +18,12 @@ class ScriptedResult:
 
     def __init__(self, errors: list[Exception], done: bool = True) -> None:
         self.errors, self.done, self.cached, self.gets = errors, done, False, 0
+        self.id = "scripted"
 
     def get(self, timeout: float) -> str:
         self.gets += 1
         if self.cached:
-            return "vectors"
+            return {"stored": 3}
         if self.errors:
             raise self.errors.pop(0)
         time.sleep(min(timeout, 0.05))
@@ -42,13 +43,13 @@ def short_polls(monkeypatch):
 def test_a_missed_result_message_is_found_by_reading_the_stored_state():
     # The pub/sub message never comes (celery#4857); the stored result is there.
     result = ScriptedResult([CeleryTimeout("missed")])
-    assert get_result(result, timeout_s=5) == "vectors"
+    assert get_result(result, timeout_s=5) == {"stored": 3}
     assert result.gets == 2
 
 
 def test_a_redis_outage_is_waited_out():
     result = ScriptedResult([redis.ConnectionError("down"), redis.ConnectionError("down")])
-    assert get_result(result, timeout_s=5) == "vectors"
+    assert get_result(result, timeout_s=5) == {"stored": 3}
 
 
 def test_a_task_that_never_finishes_times_out_at_its_limit():
@@ -64,3 +65,31 @@ def test_an_outage_longer_than_the_timeout_raises_the_connection_error():
     result = ScriptedResult([redis.ConnectionError("down")] * 1000, done=False)
     with pytest.raises(redis.ConnectionError):
         get_result(result, timeout_s=0.2)
+
+
+def test_ingest_sends_an_unanswered_task_once_more_then_reports_it(monkeypatch):
+    from embedq.producer import bulk
+
+    answers = [ScriptedResult([], done=False), ScriptedResult([CeleryTimeout("lost")])]
+    published: list[tuple] = []
+
+    def publish(sent):
+        published.append(sent.args)
+        return answers.pop(0)
+
+    monkeypatch.setattr(bulk, "_publish", publish)
+    summary = bulk.IngestSummary()
+    inflight = bulk.InFlight(summary, timeout_s=0.2, on_progress=None)
+    inflight.send(bulk.Sent(("c", ["batch"], None), {}, docs=3, texts=3))
+    inflight.drain(None)
+    assert published == [("c", ["batch"], None)] * 2, "sent twice, same arguments"
+    assert (summary.resent, summary.failed, summary.stored) == (1, 0, 3)
+
+    never = [ScriptedResult([], done=False), ScriptedResult([], done=False)]
+    monkeypatch.setattr(bulk, "_publish", lambda sent: never.pop(0))
+    summary = bulk.IngestSummary()
+    inflight = bulk.InFlight(summary, timeout_s=0.2, on_progress=None)
+    inflight.send(bulk.Sent(("c", ["batch"], None), {}, docs=3, texts=3))
+    inflight.drain(None)
+    assert (summary.resent, summary.failed) == (1, 3)
+    assert "TimeoutError" in summary.failures[0]["reason"]

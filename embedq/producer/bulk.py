@@ -6,11 +6,14 @@ text are skipped by the worker, so a rerun after an interruption stores each one
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from celery.exceptions import TimeoutError as CeleryTimeout
 
 from embedq.broker import BROKER_ERRORS, get_result
 from embedq.errors import InvalidInputError
@@ -18,6 +21,8 @@ from embedq.producer.chunker import chunk_spans
 from embedq.producer.reader import BadRecord, Document, to_document
 from embedq.requests import parse_documents
 from embedq.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 MAX_FAILURES_KEPT = 50
 
@@ -33,6 +38,7 @@ class IngestSummary:
     skipped: int = 0
     truncated: int = 0
     failed: int = 0
+    resent: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     error: str | None = None
@@ -120,6 +126,12 @@ def _tasks(
         yield batch, parents, docs
 
 
+def _publish(sent: Sent) -> Any:
+    from embedq.tasks import ingest_documents
+
+    return ingest_documents.apply_async(sent.args, **sent.options)
+
+
 def task_wait_s() -> float:
     """How long a task may take to finish after it was sent, in the worst case."""
     limit = get_settings().task_time_limit_s
@@ -147,10 +159,9 @@ def ingest(
     and returns with ``interrupted``. ``on_progress(summary, documents_done)`` is called
     after each finished task. A broker outage is waited out; one that outlasts the publish
     retries stops the run with ``error`` set. ``timeout_s`` bounds the wait for one task
-    (default: three hard time limits, see :func:`task_wait_s`).
+    (default: three hard time limits, see :func:`task_wait_s`); a task unanswered that long
+    is sent once more (``resent``), then its documents are reported failed.
     """
-    from embedq.tasks import ingest_documents
-
     timeout_s = timeout_s or task_wait_s()
     summary, started = IngestSummary(), time.perf_counter()
     inflight = InFlight(summary, timeout_s, on_progress)
@@ -159,8 +170,9 @@ def ingest(
         for batch, parents, docs in _tasks(records, summary, chunk_size, chunk_tokens, overlap):
             while len(inflight.pending) >= max_in_flight:
                 inflight.settle_oldest()
+            sent = Sent((collection, batch, parents), options, docs, len(batch))
             try:
-                result = ingest_documents.apply_async((collection, batch, parents), **options)
+                inflight.send(sent)
             except BROKER_ERRORS as exc:
                 summary.fail("broker", f"could not queue a task: {exc}", len(batch))
                 summary.error = f"the broker stayed unreachable: {exc}"
@@ -168,7 +180,6 @@ def ingest(
             except InvalidInputError as exc:
                 summary.fail("task not sent", str(exc), len(batch))
                 continue
-            inflight.pending.append((result, docs, len(batch)))
     except KeyboardInterrupt:
         summary.interrupted = True
     deadline = time.monotonic() + get_settings().ingest_drain_timeout_s
@@ -181,6 +192,18 @@ def ingest(
     return summary
 
 
+@dataclass
+class Sent:
+    """One ``ingest_documents`` task: what it carries, and its result once sent."""
+
+    args: tuple[Any, ...]
+    options: dict[str, Any]
+    docs: int
+    texts: int
+    result: Any = None
+    resent: bool = False
+
+
 class InFlight:
     """The tasks sent and not yet settled, oldest first."""
 
@@ -191,17 +214,42 @@ class InFlight:
         on_progress: Callable[[IngestSummary, int], None] | None,
     ) -> None:
         self.summary, self.timeout_s, self.on_progress = summary, timeout_s, on_progress
-        self.pending: deque[tuple[Any, int, int]] = deque()
+        self.pending: deque[Sent] = deque()
+
+    def send(self, sent: Sent) -> None:
+        """Queue ``sent`` as a task and keep it in flight."""
+        sent.result = _publish(sent)
+        self.pending.append(sent)
 
     def settle_oldest(self, deadline: float | None = None) -> None:
         """Wait for the oldest task; a broker outage meanwhile is waited out, not a failure."""
-        result, docs, texts = self.pending.popleft()
+        sent = self.pending.popleft()
         try:
-            self.summary.add(get_result(result, self.timeout_s, deadline))
+            self.summary.add(get_result(sent.result, self.timeout_s, deadline))
+        except CeleryTimeout as exc:
+            if sent.resent or deadline is not None or not self._resend(sent):
+                self.summary.fail(f"task {sent.result.id}", f"TimeoutError: {exc}", sent.texts)
+            else:
+                return
         except Exception as exc:
-            self.summary.fail(f"task {result.id}", f"{type(exc).__name__}: {exc}", texts)
+            self.summary.fail(f"task {sent.result.id}", f"{type(exc).__name__}: {exc}", sent.texts)
         if self.on_progress:
-            self.on_progress(self.summary, docs)
+            self.on_progress(self.summary, sent.docs)
+
+    def _resend(self, sent: Sent) -> bool:
+        # Redis can lose a task message across a restart (kombu pops it with BRPOP and the
+        # reply dies with the connection): one unanswered for a whole task wait is sent
+        # once more. Documents it already stored are skipped.
+        waited = f"{self.timeout_s:.0f} s"
+        log.warning("task %s: no answer in %s, sending it again", sent.result.id, waited)
+        try:
+            sent.result = _publish(sent)
+        except BROKER_ERRORS:
+            return False
+        sent.resent = True
+        self.pending.appendleft(sent)
+        self.summary.resent += 1
+        return True
 
     def drain(self, deadline: float | None) -> None:
         """Settle every task; past ``deadline`` the rest are reported unfinished."""
@@ -214,5 +262,5 @@ class InFlight:
     def abandon(self, why: str) -> None:
         """Report every unsettled task as unfinished (a rerun stores what they did not)."""
         while self.pending:
-            result, _, texts = self.pending.popleft()
-            self.summary.fail(f"task {result.id}", f"{why}; rerun to finish", texts)
+            sent = self.pending.popleft()
+            self.summary.fail(f"task {sent.result.id}", f"{why}; rerun to finish", sent.texts)

@@ -87,10 +87,61 @@ def encode_all(
 ) -> Encoded:
     """Encode every tokenized text in packed batches, splitting any batch that fails."""
     out = Encoded(np.zeros((len(tok.ids), encoder.dim), dtype=np.float32))
-    lengths = tok.lengths
+    lengths, hooks = tok.lengths, (on_batch, on_oom)
+    pending: _Launched | None = None
     for positions in pack(lengths, max_tokens, max_items):
-        _encode_split(encoder, tok, lengths, positions, normalize, out, (on_batch, on_oom))
+        # The next batch starts before the last one is fetched: on cuda the host pads and
+        # copies it while the GPU still runs the previous one.
+        launched = _launch(encoder, tok, positions, normalize)
+        if pending is not None:
+            _fetch(encoder, tok, lengths, pending, normalize, out, hooks)
+        pending = launched
+        if launched is None:
+            _encode_split(encoder, tok, lengths, positions, normalize, out, hooks)
+    if pending is not None:
+        _fetch(encoder, tok, lengths, pending, normalize, out, hooks)
     return out
+
+
+@dataclass
+class _Launched:
+    positions: np.ndarray
+    handle: object
+    launch_s: float
+
+
+def _launch(
+    encoder: Encoder, tok: Tokenized, positions: np.ndarray, normalize: bool
+) -> _Launched | None:
+    """Start a batch; None when starting failed (it is then encoded the careful way)."""
+    start = time.perf_counter()
+    try:
+        handle = encoder.launch([tok.ids[i] for i in positions], normalize)
+    except Exception as exc:
+        log.debug("batch of %d failed to start: %r", len(positions), exc)
+        return None
+    return _Launched(positions, handle, time.perf_counter() - start)
+
+
+def _fetch(
+    encoder: Encoder,
+    tok: Tokenized,
+    lengths: np.ndarray,
+    launched: _Launched,
+    normalize: bool,
+    out: Encoded,
+    hooks: tuple[Callable[[int, int, int, float], None] | None, Callable[[], None] | None],
+) -> None:
+    positions, start = launched.positions, time.perf_counter()
+    try:
+        out.vectors[positions] = encoder.fetch(launched.handle)
+    except Exception:
+        _encode_split(encoder, tok, lengths, positions, normalize, out, hooks)
+        return
+    if hooks[0] is not None:
+        batch = lengths[positions]
+        seconds = launched.launch_s + time.perf_counter() - start
+        hooks[0](len(positions), int(batch.max()) * len(positions), int(batch.sum()), seconds)
 
 
 def _encode_split(

@@ -107,6 +107,15 @@ class Encoder(ABC):
     def embed_ids(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
         """Vectors (float32, one row per id list) for one batch."""
 
+    def launch(self, ids: list[list[int]], normalize: bool) -> Any:
+        """Start encoding one batch; :meth:`fetch` returns its vectors. Backends that can
+        overlap (cuda) return before the work is done; the default just does it."""
+        return self.embed_ids(ids, normalize)
+
+    def fetch(self, handle: Any) -> np.ndarray:
+        """The vectors of a batch started by :meth:`launch`."""
+        return handle
+
     @abstractmethod
     def bytes_per_token(self, seq_len: int) -> int:
         """Peak activation memory per padded token at sequence length ``seq_len``."""
