@@ -180,7 +180,7 @@ def get_result(result: Any, timeout_s: float, deadline: float | None = None) -> 
         limit = min(limit, deadline)
     while True:
         try:
-            return result.get(timeout=max(0.1, min(RESULT_POLL_S, limit - time.monotonic())))
+            return result.get(timeout=min(RESULT_POLL_S, max(0.001, limit - time.monotonic())))
         except (CeleryTimeout, *BROKER_ERRORS) as exc:
             if time.monotonic() >= limit:
                 raise

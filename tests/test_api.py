@@ -118,7 +118,10 @@ def test_rate_limit_per_key(celery_worker):
 
 def test_timeout_is_504(celery_worker):
     slow = TestClient(_app(api_timeout_s=0.0001))
-    response = slow.post("/embed", json={"texts": unique_texts(200, "timeout")}, headers=AUTH)
+    # Full-length texts (256 tokens each): seconds of work, well past Celery's ~1 s wait
+    # granularity, so no machine answers in time.
+    texts = [" ".join([text] * 40) for text in unique_texts(60, "timeout")]
+    response = slow.post("/embed", json={"texts": texts}, headers=AUTH)
     assert response.status_code == 504
     assert "EMBEDQ_API_TIMEOUT_S" in response.json()["error"]["message"]
 

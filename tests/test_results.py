@@ -93,3 +93,11 @@ def test_ingest_sends_an_unanswered_task_once_more_then_reports_it(monkeypatch):
     inflight.drain(None)
     assert (summary.resent, summary.failed) == (1, 3)
     assert "TimeoutError" in summary.failures[0]["reason"]
+
+
+def test_a_tiny_timeout_is_kept():
+    result = ScriptedResult([], done=False)
+    started = time.monotonic()
+    with pytest.raises(CeleryTimeout):
+        get_result(result, timeout_s=0.0001)
+    assert time.monotonic() - started < 0.05, "no floor longer than the caller asked for"
