@@ -341,15 +341,7 @@ def test_a_task_that_always_crashes_the_encoder_fails_after_bounded_retries(tmp_
         """
     )
     with worker_process([sys.executable, "-c", FAULTY_WORKER], env):
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        out = run_client(code, env, timeout_s=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     attempts = len(list(connect(url).scan_iter(f"{DELIVERY_PREFIX}:{result['id']}:*")))
@@ -394,16 +386,24 @@ def send(env: dict[str, str], texts: list[str]) -> str:
         "import sys, json; from embedq.tasks import embed_texts; "
         "print(embed_texts.apply_async((json.loads(sys.argv[1]),), queue='cpu').id)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(texts)],
+    out = run_client(code, env, json.dumps(texts), timeout_s=120)
+    out.check_returncode()
+    return out.stdout.strip().splitlines()[-1]
+
+
+def run_client(
+    code: str, env: dict[str, str], *args: str, timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """Python ``code`` in a client process of ``env`` (its own Celery app and settings)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
-        check=True,
+        timeout=timeout_s,
+        check=False,
     )
-    return out.stdout.strip().splitlines()[-1]
 
 
 def task_meta(client, task_id: str) -> dict:

@@ -138,10 +138,7 @@ def _fetch(
     except Exception:
         _encode_split(encoder, tok, lengths, positions, normalize, out, hooks)
         return
-    if hooks[0] is not None:
-        batch = lengths[positions]
-        seconds = launched.launch_s + time.perf_counter() - start
-        hooks[0](len(positions), int(batch.max()) * len(positions), int(batch.sum()), seconds)
+    _report(hooks[0], lengths, positions, launched.launch_s + time.perf_counter() - start)
 
 
 def _encode_split(
@@ -173,9 +170,18 @@ def _encode_split(
         for part in (positions[:half], positions[half:]):
             _encode_split(encoder, tok, lengths, part, normalize, out, hooks)
         return
+    _report(on_batch, lengths, positions, time.perf_counter() - start)
+
+
+def _report(
+    on_batch: Callable[[int, int, int, float], None] | None,
+    lengths: np.ndarray,
+    positions: np.ndarray,
+    seconds: float,
+) -> None:
+    """Tell ``on_batch`` of one encoded batch: texts, padded cost, real tokens, seconds."""
     if on_batch is not None:
         batch = lengths[positions]
-        seconds = time.perf_counter() - start
         on_batch(len(positions), int(batch.max()) * len(positions), int(batch.sum()), seconds)
 
 
