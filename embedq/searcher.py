@@ -90,13 +90,13 @@ class Searcher:
         if where:
             allowed = self.store.filter_pks(collection, where)
             if len(allowed) <= EXACT_FILTER_LIMIT:
-                return self._exact(query, allowed, k, parents)
+                return self._exact(query, collection, allowed, k, parents)
         else:
             allowed = None
         fetch = k * 3 + 16 if not parents else k * 10 + 16
         while True:
             candidates, exhausted = self._candidates(query, collection, fetch)
-            hits = self._hits(candidates, allowed, k, parents)
+            hits = self._hits(collection, candidates, allowed, k, parents)
             if len(hits) >= k or exhausted:
                 return hits
             fetch *= 4
@@ -139,24 +139,31 @@ class Searcher:
                 for p, s in zip(pks[keep], stamps[keep], strict=True)
                 if delta.rows.get(int(p), (None,))[0] != int(s)
             }
-            delta.add(changed, self.store.by_pk(list(changed)) if changed else [])
+            delta.add(changed, self.store.by_pk(collection, list(changed)) if changed else [])
             # Next time read only what changed since shortly before this read.
             delta.watermark = max(delta.watermark, read_at - RECENT_LOOKBACK)
             return delta.arrays()
 
     def _hits(
-        self, scores: dict[int, float], allowed: np.ndarray | None, k: int, parents: bool
+        self,
+        collection: str,
+        scores: dict[int, float],
+        allowed: np.ndarray | None,
+        k: int,
+        parents: bool,
     ) -> list[Hit]:
         if allowed is not None:
             keep = set(allowed.tolist())
             scores = {p: s for p, s in scores.items() if p in keep}
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
-        items = {item.pk: item for item in self.store.by_pk([p for p, _ in ranked])}
+        items = {item.pk: item for item in self.store.by_pk(collection, [p for p, _ in ranked])}
         hits = [_hit(items[p], s) for p, s in ranked if p in items]
         return _top(hits, k, parents)
 
-    def _exact(self, query: np.ndarray, allowed: np.ndarray, k: int, parents: bool) -> list[Hit]:
-        items = self.store.by_pk(allowed)
+    def _exact(
+        self, query: np.ndarray, collection: str, allowed: np.ndarray, k: int, parents: bool
+    ) -> list[Hit]:
+        items = self.store.by_pk(collection, allowed)
         if not items:
             return []
         vectors = np.vstack([item.vector for item in items])

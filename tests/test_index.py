@@ -171,3 +171,45 @@ def test_rebuild_during_searches_never_fails_or_returns_deleted(store, tmp_path)
     assert not stale, f"deleted ids returned: {stale[:5]}"
     assert searches > 10
     assert IndexCache(store, tmp_path / "x").get(collection).version == 4
+
+
+def _legacy_sqlite_table(url: str) -> None:
+    """The items table as releases before the fix created it: SQLite may reuse row keys."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.schema import CreateTable
+
+    from embedq.storage.sql import ItemRow
+
+    ddl = str(CreateTable(ItemRow.__table__).compile(dialect=sqlite.dialect()))
+    assert "AUTOINCREMENT" in ddl
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(ddl.replace(" AUTOINCREMENT", ""))
+    engine.dispose()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["new-table", "legacy-table"])
+def test_a_key_freed_in_one_collection_never_leaks_into_another(tmp_path, legacy):
+    """Delete the newest item of A, insert a private item into B (SQLite may hand it A's
+    freed row key), all before the next rebuild: a search of A never returns B's item."""
+    url = f"sqlite:///{tmp_path / 'leak.db'}"
+    if legacy:
+        _legacy_sqlite_table(url)
+    store = create_store(url)
+    vectors = _clustered(200, 11)
+    store.upsert(_items("a", vectors))
+    build_index(store, "a", tmp_path / "builder")
+    last = max(item.pk for item in store.get("a", [f"id-{i}" for i in range(200)]))
+    store.delete("a", ["id-199"])
+    store.upsert([Item("b", "private", "secret", vectors[199], "m@1", "h")])
+    private = store.get("b", ["private"])[0]
+    assert (private.pk == last) is legacy, "SQLite reused a freed row key on a new table"
+    assert store.by_pk("a", [private.pk]) == []
+    assert [i.id for i in store.by_pk("b", [private.pk])] == ["private"]
+    for searcher in (_searcher(store, tmp_path), _searcher(store, tmp_path, "host-b")):
+        hits = searcher.search(vectors[199], "a", k=10)
+        assert hits and all(h.id != "private" and h.text != "secret" for h in hits)
+        hits = searcher.search(vectors[199], "a", k=5, where={"group": 199 % 3})
+        assert all(h.id != "private" for h in hits)
+    store.close()

@@ -86,8 +86,9 @@ class Store(ABC):
         """Remove chunks of ``parent_id`` at positions >= ``keep_below``."""
 
     @abstractmethod
-    def by_pk(self, pks: Sequence[int]) -> list[Item]:
-        """Items by row key (absent keys are left out)."""
+    def by_pk(self, collection: str, pks: Sequence[int]) -> list[Item]:
+        """Items of ``collection`` by row key (absent keys, and keys of any other
+        collection, are left out)."""
 
     @abstractmethod
     def snapshot(self, collection: str, since: datetime | None = None) -> Snapshot:

@@ -55,6 +55,8 @@ class ItemRow(Base):
         UniqueConstraint("collection", "external_id", name="uq_embedq_item"),
         Index("ix_embedq_item_updated", "collection", "updated_at"),
         Index("ix_embedq_item_parent", "collection", "parent_id"),
+        # Row keys label index entries: SQLite must never hand a deleted row's key to a new row.
+        {"sqlite_autoincrement": True},
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -318,11 +320,13 @@ class SQLStore(Store):
             return int(conn.execute(query).rowcount)
 
     @_store_errors("read items")
-    def by_pk(self, pks: Sequence[int]) -> list[Item]:
-        """Items by row key."""
+    def by_pk(self, collection: str, pks: Sequence[int]) -> list[Item]:
+        """Items of ``collection`` by row key; keys of other collections are left out."""
         if not len(pks):
             return []
-        query = select(ItemRow).where(ItemRow.pk.in_([int(p) for p in pks]))
+        query = select(ItemRow).where(
+            ItemRow.collection == collection, ItemRow.pk.in_([int(p) for p in pks])
+        )
         with Session(self.engine) as session:
             return [_item(row) for row in session.scalars(query)]
 
