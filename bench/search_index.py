@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from embedq.indexes import build_index
-from embedq.searcher import Searcher
+from embedq.search.build import build_index
+from embedq.search.exact import exact_top_k
+from embedq.search.searcher import Searcher
 from embedq.settings import Settings
-from embedq.storage import Item, create_store
-from embedq.storage.index import exact_top_k
+from embedq.store.base import Item
+from embedq.store.factory import create_store
 
 DIM = 384
 

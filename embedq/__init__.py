@@ -1,7 +1,7 @@
 """embedq: asynchronous text embeddings at any scale (Celery + Redis + sentence-transformers).
 
-``embedq.search`` and ``embedq.lookup`` are imported on first use, so ``import embedq``
-stays light.
+``embedq.search`` (callable) and ``embedq.lookup`` are imported on first use, so
+``import embedq`` stays light.
 """
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ __all__ = ["lookup", "search"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from embedq import searcher
+    if name == "search":
+        import embedq.search
 
-        return getattr(searcher, name)
+        return embedq.search
+    if name == "lookup":
+        from embedq.search.searcher import lookup
+
+        return lookup
     raise AttributeError(f"module 'embedq' has no attribute {name!r}")

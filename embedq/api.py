@@ -11,13 +11,12 @@ import hashlib
 import hmac
 import logging
 import time
-from functools import cached_property
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,8 +24,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedq.app import QUEUES
-from embedq.broker import get_result, shared_client
+from embedq.broker.client import shared_client
+from embedq.broker.results import get_result
+from embedq.encode.models import load_tokenizer
 from embedq.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -37,8 +37,8 @@ from embedq.errors import (
     UnknownModelError,
 )
 from embedq.keys import rate_key
-from embedq.settings import Settings, get_settings
-from embedq.status import read_workers
+from embedq.ops.status import read_workers
+from embedq.settings import QUEUES, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -229,107 +229,119 @@ class Service:
                 "Timeout",
             ) from exc
 
-    @cached_property
-    def tokenizer(self) -> Any:
-        """For OpenAI's ``usage`` counts: the served model's tokenizer, loaded once."""
-        from transformers import AutoTokenizer
-
-        from embedq.worker.encoder import resolve_model_path
-
-        return AutoTokenizer.from_pretrained(str(resolve_model_path(self.settings.model)))
-
     def count_tokens(self, texts: list[str]) -> int:
         """Tokens the model sees (special tokens included, cut at its max)."""
         if not texts:
             return 0
-        ids = self.tokenizer(texts, truncation=True, add_special_tokens=True)["input_ids"]
+        ids = load_tokenizer(self.settings.model)(texts, truncation=True, add_special_tokens=True)[
+            "input_ids"
+        ]
         return sum(len(x) for x in ids)
+
+
+def get_service(request: Request) -> Service:
+    """The app's :class:`Service` (a dependency of every route)."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def caller(service: ServiceDep, credentials: Credentials) -> str:
+    """Authenticate the request and count it against its key's rate limit; the key id."""
+    key_id = service.authenticate(credentials)
+    service.limit_rate(key_id)
+    return key_id
+
+
+router = APIRouter()
+Authorized = Depends(caller)
+
+
+@router.post("/embed", response_model=EmbedResponse, dependencies=[Authorized])
+def embed(body: EmbedBody, service: ServiceDep) -> EmbedResponse:
+    """Embed ``texts``; vectors in input order."""
+    vectors = service.embed(body.texts, body.model, body.normalize, body.queue)
+    return EmbedResponse(
+        model=body.model or service.settings.model,
+        dim=int(vectors.shape[1]),
+        vectors=np.asarray(vectors).tolist(),
+        truncated=list(vectors.truncated),
+    )
+
+
+@router.post("/v1/embeddings", dependencies=[Authorized])
+def openai_embeddings(body: OpenAIBody, service: ServiceDep) -> dict[str, Any]:
+    """OpenAI-compatible embeddings (``encoding_format`` float or base64)."""
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    vectors = np.asarray(service.embed(texts, body.model, True, None), dtype=np.float32)
+    if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+        raise ApiError(
+            422,
+            f"dimensions={body.dimensions}: this model only gives {vectors.shape[1]}",
+            "InvalidInputError",
+        )
+    tokens = service.count_tokens(texts)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+            for i, v in enumerate(vectors)
+        ],
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+@router.post("/search", dependencies=[Authorized])
+def search(body: SearchBody, service: ServiceDep) -> dict[str, Any]:
+    """The ``k`` items of ``collection`` nearest to ``query``."""
+    from embedq.search.searcher import search as run_search
+
+    service.check_texts([body.query])
+    service.require_worker()
+    hits = run_search(body.query, body.collection, k=body.k, where=body.where, parents=body.parents)
+    return {"hits": [hit.__dict__ for hit in hits]}
+
+
+@router.get("/health")
+def health(service: ServiceDep) -> JSONResponse:
+    """200 when a worker is alive (ready), else 503."""
+    try:
+        workers = service.require_worker()
+    except ApiError as exc:
+        return _error(exc.status, exc.message, exc.kind)
+    return JSONResponse({"status": "ready", "workers": len(workers)})
+
+
+@router.get("/metadata", dependencies=[Authorized])
+def metadata(service: ServiceDep) -> dict[str, Any]:
+    """Model, dimension, queues and the devices of live workers."""
+    workers = read_workers(shared_client())
+    beats = [w for ws in workers.values() for w in ws]
+    settings = service.settings
+    return {
+        "model": settings.model,
+        "model_ids": sorted({w.get("model_id") for w in beats if w.get("model_id")}),
+        "dim": next((w["dim"] for w in beats if w.get("dim")), None),
+        "queues": {q: len(workers.get(q, [])) for q in QUEUES},
+        "devices": sorted({w["device"] for w in beats}),
+        "limits": {
+            "max_texts": settings.api_max_texts,
+            "max_text_chars": settings.api_max_text_chars,
+            "max_body_mb": settings.api_max_body_mb,
+            "rate_limit_per_min": settings.api_rate_limit_per_min,
+        },
+    }
 
 
 def create_app(settings: Settings | None = None, allow_anonymous: bool = False) -> FastAPI:
     """The FastAPI application; refuses to build without API keys unless told."""
     service = Service(settings or get_settings(), allow_anonymous)
     api = FastAPI(title="embedq", version="0.1.0", description=__doc__)
+    api.state.service = service
     _install_errors(api)
-
-    def caller(credentials: Credentials) -> str:
-        key_id = service.authenticate(credentials)
-        service.limit_rate(key_id)
-        return key_id
-
-    @api.post("/embed", response_model=EmbedResponse)
-    def embed(body: EmbedBody, _: str = Depends(caller)) -> EmbedResponse:
-        """Embed ``texts``; vectors in input order."""
-        vectors = service.embed(body.texts, body.model, body.normalize, body.queue)
-        return EmbedResponse(
-            model=body.model or service.settings.model,
-            dim=int(vectors.shape[1]),
-            vectors=np.asarray(vectors).tolist(),
-            truncated=list(vectors.truncated),
-        )
-
-    @api.post("/v1/embeddings")
-    def openai_embeddings(body: OpenAIBody, _: str = Depends(caller)) -> dict[str, Any]:
-        """OpenAI-compatible embeddings (``encoding_format`` float or base64)."""
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        vectors = np.asarray(service.embed(texts, body.model, True, None), dtype=np.float32)
-        if body.dimensions is not None and body.dimensions != vectors.shape[1]:
-            raise ApiError(
-                422,
-                f"dimensions={body.dimensions}: this model only gives {vectors.shape[1]}",
-                "InvalidInputError",
-            )
-        tokens = service.count_tokens(texts)
-        return {
-            "object": "list",
-            "data": [
-                {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
-                for i, v in enumerate(vectors)
-            ],
-            "model": body.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-
-    @api.post("/search")
-    def search(body: SearchBody, _: str = Depends(caller)) -> dict[str, Any]:
-        """The ``k`` items of ``collection`` nearest to ``query``."""
-        from embedq.searcher import search as run_search
-
-        service.check_texts([body.query])
-        service.require_worker()
-        hits = run_search(
-            body.query, body.collection, k=body.k, where=body.where, parents=body.parents
-        )
-        return {"hits": [hit.__dict__ for hit in hits]}
-
-    @api.get("/health")
-    def health() -> JSONResponse:
-        """200 when a worker is alive (ready), else 503."""
-        try:
-            workers = service.require_worker()
-        except ApiError as exc:
-            return _error(exc.status, exc.message, exc.kind)
-        return JSONResponse({"status": "ready", "workers": len(workers)})
-
-    @api.get("/metadata")
-    def metadata(_: str = Depends(caller)) -> dict[str, Any]:
-        """Model, dimension, queues and the devices of live workers."""
-        workers = read_workers(shared_client())
-        beats = [w for ws in workers.values() for w in ws]
-        return {
-            "model": service.settings.model,
-            "model_ids": sorted({w.get("model_id") for w in beats if w.get("model_id")}),
-            "dim": next((w["dim"] for w in beats if w.get("dim")), None),
-            "queues": {q: len(workers.get(q, [])) for q in QUEUES},
-            "devices": sorted({w["device"] for w in beats}),
-            "limits": {
-                "max_texts": service.settings.api_max_texts,
-                "max_text_chars": service.settings.api_max_text_chars,
-                "max_body_mb": service.settings.api_max_body_mb,
-                "rate_limit_per_min": service.settings.api_rate_limit_per_min,
-            },
-        }
-
+    api.include_router(router)
     api.add_middleware(BodyLimit, max_bytes=int(service.settings.api_max_body_mb * 2**20))
     return api
 

@@ -13,10 +13,11 @@ from celery import Celery
 from kombu import Queue
 
 from embedq import codec
-from embedq.broker import redis_url, register_transport, tls_options
-from embedq.settings import get_settings
+from embedq.broker.tls import tls_options
+from embedq.broker.transport import register_transport
+from embedq.broker.url import redis_url
+from embedq.settings import QUEUES, get_settings
 
-QUEUES = ("cpu", "gpu")
 PUBLISH_RETRY = {"max_retries": 15, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
 
 codec.register_serializer()

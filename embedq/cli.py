@@ -6,11 +6,12 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
 
-from embedq.app import QUEUES
+from embedq.settings import QUEUES
 
 cli = typer.Typer(help="embedq: asynchronous text embeddings at any scale.", no_args_is_help=True)
 
@@ -102,9 +103,13 @@ def ingest(
             overlap=overlap,
             on_progress=on_progress,
         )
-    report = summary.as_dict()
+    _report_ingest(summary, as_json, quiet)
+
+
+def _report_ingest(summary: Any, as_json: bool, quiet: bool) -> None:
+    """Print the summary; exit 130 when interrupted, 1 when any document was not stored."""
     if as_json:
-        print(json.dumps(report))
+        print(json.dumps(summary.as_dict()))
     elif not quiet:
         failures = "".join(f"\n  {f['where']}: {f['reason']}" for f in summary.failures)
         print(
@@ -132,7 +137,7 @@ def search(
     as_json: bool = typer.Option(False, "--json", envvar="EMBEDQ_JSON"),
 ) -> None:
     """Print the K items of COLLECTION nearest to TEXT."""
-    from embedq.searcher import search as run_search
+    from embedq.search.searcher import search as run_search
 
     hits = run_search(text, collection, k=k, where=_where(where), parents=parents)
     for rank, hit in enumerate(hits, 1):
@@ -162,7 +167,7 @@ def delete(
 ) -> None:
     """Delete items from the store (searches stop returning them at once)."""
     from embedq.settings import get_settings
-    from embedq.storage import create_store
+    from embedq.store.factory import create_store
 
     removed = create_store(get_settings().database_url).delete(collection, ids)
     print(f"deleted {removed} of {len(ids)}")
@@ -177,9 +182,9 @@ def index_rebuild(
     collection: str | None = typer.Option(None, envvar="EMBEDQ_COLLECTION"),
 ) -> None:
     """Rebuild now, in this process, the indexes of collections that changed."""
-    from embedq.indexes import rebuild_changed
+    from embedq.search.build import rebuild_changed
     from embedq.settings import get_settings
-    from embedq.storage import create_store
+    from embedq.store.factory import create_store
 
     settings = get_settings()
     report = rebuild_changed(
@@ -193,10 +198,10 @@ def status(
     as_json: bool = typer.Option(False, "--json", envvar="EMBEDQ_JSON", help="Print JSON."),
 ) -> None:
     """One health report: workers, queues, throughput, cache, SLOs, indexes, alerts."""
-    from embedq.broker import connect
+    from embedq.broker.client import connect
+    from embedq.ops.status import build_report, render
     from embedq.settings import get_settings
-    from embedq.status import build_report, render
-    from embedq.storage import create_store
+    from embedq.store.factory import create_store
 
     settings = get_settings()
     store = create_store(settings.database_url)
@@ -288,8 +293,8 @@ def bench(
     import os
     import subprocess
 
-    from embedq.bench import BenchOptions, with_db
-    from embedq.broker import redis_url
+    from embedq.broker.url import redis_url
+    from embedq.tools.bench import BenchOptions, with_db
 
     options = BenchOptions(
         redis_url=with_db(redis_url(), redis_db),
@@ -306,7 +311,7 @@ def bench(
     spec = json.dumps(asdict(options), default=str)
     env = os.environ | {"EMBEDQ_REDIS_URL": options.redis_url, "EMBEDQ_LRU_ITEMS": "1"}
     # Its own process: this one's Celery app is already bound to the configured Redis.
-    done = subprocess.run([sys.executable, "-m", "embedq.bench", spec], env=env, check=False)
+    done = subprocess.run([sys.executable, "-m", "embedq.tools.bench", spec], env=env, check=False)
     if done.returncode == 0:
         typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     raise typer.Exit(done.returncode)
@@ -315,7 +320,7 @@ def bench(
 @cli.command()
 def demo() -> None:
     """Start a CPU worker, embed a few texts, print their similarity matrix, stop the worker."""
-    from embedq.demo import main as run_demo
+    from embedq.tools.demo import main as run_demo
 
     sys.exit(run_demo())
 

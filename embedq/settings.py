@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+# The Celery queues workers consume: CUDA fp16 workers on gpu, int8 ONNX workers on cpu.
+QUEUES = ("cpu", "gpu")
 
 
 class Settings(BaseSettings):

@@ -40,7 +40,7 @@ def _test_redis_url() -> str:
         return url
     if _answers("127.0.0.1", 6379):
         return "redis://127.0.0.1:6379/15"
-    from embedq.broker import start_embedded
+    from embedq.broker.url import start_embedded
 
     return start_embedded(TMP / "redis")
 
@@ -57,7 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def redis_client() -> Any:
     """A client of the test Redis database, emptied once at the start of the session."""
-    from embedq.broker import connect
+    from embedq.broker.client import connect
 
     client = connect()
     client.flushdb()

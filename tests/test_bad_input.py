@@ -25,9 +25,9 @@ from embedq import codec, search
 from embedq.api import create_app
 from embedq.app import app
 from embedq.errors import InvalidInputError, TooManyTextsError, UnknownModelError
-from embedq.requests import parse_embed_request
+from embedq.inputs import parse_embed_request
 from embedq.settings import get_settings
-from embedq.storage import create_store
+from embedq.store.factory import create_store
 from embedq.tasks import embed_texts
 from tests.conftest import unique_texts
 

@@ -7,10 +7,10 @@ from concurrent.futures import wait
 import numpy as np
 import pytest
 
+from embedq.encode.base import Tokenized
 from embedq.errors import EncoderError
 from embedq.worker.batcher import Batcher, encode_all, pack
 from embedq.worker.cache import Cache, CacheStats, pack_vector, unpack_vector
-from embedq.worker.encoder import Tokenized
 
 
 def test_pack_puts_every_position_in_exactly_one_batch():
@@ -200,7 +200,7 @@ def test_batcher_serves_repeats_from_its_cache():
 
 
 def test_memory_cap_lowers_the_token_budget():
-    from embedq.worker.encoder import Encoder
+    from embedq.encode.base import Encoder
 
     class Sized(Encoder):
         max_seq_tokens = 256

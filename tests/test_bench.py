@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from embedq.bench import load_texts, table, with_db
 from embedq.errors import ConfigurationError
+from embedq.tools.bench import load_texts, table, with_db
 from tests.conftest import ROOT, SHARED_DATA
 
 BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from embedq.app import app
-from embedq.broker import RedisTransport
+from embedq.broker.transport import RedisTransport
 
 
 def test_broker_urls_use_embedqs_transport(redis_client):

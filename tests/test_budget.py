@@ -71,7 +71,7 @@ def test_the_budget_stays_between_floor_and_cap():
 
 
 def test_a_worker_batcher_learns_its_budget_from_real_batches(runtime):
-    from embedq.broker import connect
+    from embedq.broker.client import connect
     from embedq.worker.batcher import Batcher
     from embedq.worker.cache import RedisCache
     from tests.conftest import unique_texts

@@ -26,12 +26,14 @@ import redis
 from sqlalchemy import event, text
 
 from embedq import codec
-from embedq.broker import connect
+from embedq.broker.client import connect
 from embedq.errors import StoreError
-from embedq.indexes import IndexCache, build_index, index_dir, rebuild_changed
-from embedq.indexes import blob_name as index_blob
 from embedq.keys import DELIVERY_PREFIX, content_hash
-from embedq.storage import Item, create_store
+from embedq.search.build import blob_name as index_blob
+from embedq.search.build import build_index, index_dir, rebuild_changed
+from embedq.search.loader import IndexCache
+from embedq.store.base import Item
+from embedq.store.factory import create_store
 from tests.conftest import ROOT
 from tests.test_processes import BIN, _env, _redis_db, worker_process
 
@@ -295,7 +297,7 @@ def _wait_for_heartbeats(url: str, count: int, timeout_s: float = 240) -> None:
 FAULTY_WORKER = textwrap.dedent(
     """
     import os, sys
-    from embedq.worker import torch_encoder
+    from embedq.encode import torch_backend as torch_encoder
     MARK = "zyzzyva-poison"
     Encoder = torch_encoder.TorchEncoder
     # Every forward pass starts in launch (embed_ids goes through it too).

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from embedq.encode.torch_backend import TorchEncoder, gpu_dtype
 from embedq.errors import ConfigurationError
 from embedq.settings import Settings
 from embedq.worker.batcher import encode_all
-from embedq.worker.torch_encoder import TorchEncoder, gpu_dtype
 from tests.conftest import load_pydoc
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

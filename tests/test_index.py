@@ -8,13 +8,15 @@ import uuid
 import numpy as np
 import pytest
 
-from embedq import indexes
-from embedq.indexes import IndexCache, blob_name, build_index, rebuild_changed
-from embedq.searcher import Searcher
+from embedq.search import build as indexes
+from embedq.search.build import blob_name, build_index, rebuild_changed
+from embedq.search.exact import exact_top_k, recall_at_k
+from embedq.search.hnsw import HNSWIndex
+from embedq.search.loader import IndexCache
+from embedq.search.searcher import Searcher
 from embedq.settings import Settings
-from embedq.storage import Item, create_store
-from embedq.storage.hnsw import HNSWIndex
-from embedq.storage.index import exact_top_k, recall_at_k
+from embedq.store.base import Item
+from embedq.store.factory import create_store
 
 DIM = 32
 
@@ -179,7 +181,7 @@ def _legacy_sqlite_table(url: str) -> None:
     from sqlalchemy.dialects import sqlite
     from sqlalchemy.schema import CreateTable
 
-    from embedq.storage.sql import ItemRow
+    from embedq.store.sql import ItemRow
 
     ddl = str(CreateTable(ItemRow.__table__).compile(dialect=sqlite.dialect()))
     assert "AUTOINCREMENT" in ddl

@@ -15,13 +15,13 @@ import pytest
 
 from embedq import lookup, search
 from embedq.errors import InvalidInputError
-from embedq.indexes import build_index
 from embedq.keys import VECTOR_PREFIX
 from embedq.producer import ingest
 from embedq.producer.chunker import chunk_spans
 from embedq.producer.reader import BadRecord, Document, count_records, read_documents
+from embedq.search.build import build_index
 from embedq.settings import get_settings
-from embedq.storage import create_store
+from embedq.store.factory import create_store
 from tests.conftest import ROOT, SHARED_DATA, load_pydoc
 
 PYDOC = SHARED_DATA / "pydoc.jsonl"

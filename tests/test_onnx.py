@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from embedq.encode.factory import create_encoder
 from embedq.errors import ConfigurationError
 from embedq.settings import Settings
 from embedq.worker.batcher import encode_all
-from embedq.worker.encoder import create_encoder
 from tests.conftest import TMP, load_pydoc, load_sick
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")

@@ -22,9 +22,9 @@ import yaml
 from typer.testing import CliRunner
 
 from embedq.cli import cli
+from embedq.ops.status import Report, alerts, build_report, render
 from embedq.settings import get_settings
-from embedq.status import Report, alerts, build_report, render
-from embedq.storage import create_store
+from embedq.store.factory import create_store
 from tests.conftest import ROOT, unique_texts
 
 BIN = Path(sys.executable).parent

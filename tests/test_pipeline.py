@@ -9,7 +9,7 @@ from celery import group
 
 from embedq.codec import Embeddings
 from embedq.keys import content_hash, vector_key
-from embedq.storage import create_store
+from embedq.store.factory import create_store
 from embedq.tasks import embed_texts
 from tests.conftest import unique_texts
 

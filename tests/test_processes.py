@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from embedq.broker import connect
-from embedq.storage import create_store
+from embedq.broker.client import connect
+from embedq.store.factory import create_store
 from tests.conftest import ROOT, load_pydoc
 
 BIN = Path(sys.executable).parent
@@ -126,7 +126,8 @@ def test_worker_commands_embed_and_store(cmd, database, request, tmp_path, redis
 def test_unanswered_default_falls_back_to_embedded_redis(tmp_path):
     code = textwrap.dedent(
         """
-        from embedq.broker import connect, redis_url
+        from embedq.broker.client import connect
+        from embedq.broker.url import redis_url
         url = redis_url(default="redis://127.0.0.1:1/0")
         print(url, connect(url).ping())
         """
@@ -152,7 +153,7 @@ def test_demo_runs_on_the_embedded_redis_and_stops_cleanly(tmp_path):
         EMBEDQ_DATABASE_URL=f"sqlite:///{tmp_path / 'demo.db'}",
     )
     out = subprocess.run(
-        [sys.executable, "-m", "embedq.demo"],
+        [sys.executable, "-m", "embedq.tools.demo"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from embedq.errors import InvalidInputError, TooManyTextsError
-from embedq.requests import parse_embed_request
+from embedq.inputs import parse_embed_request
 from embedq.settings import Settings
 
 
@@ -67,7 +67,7 @@ def test_deeply_nested_metadata_is_refused_not_crashed(settings):
 
 
 def test_ingestion_chunks_validate_the_model_too(settings):
-    from embedq.requests import parse_documents
+    from embedq.inputs import parse_documents
 
     with pytest.raises(InvalidInputError, match="model must be a string"):
         parse_documents("c", [{"id": "a", "text": "x"}], model=3, settings=settings)

@@ -8,8 +8,8 @@ import pytest
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from embedq import broker
-from embedq.broker import get_result
+from embedq.broker import results as broker
+from embedq.broker.results import get_result
 
 
 class ScriptedResult:

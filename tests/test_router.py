@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from embedq.broker import client_url
+from embedq.broker.client import client_url
 from embedq.keys import heartbeat_key
+from embedq.ops.heartbeat import TTL_S, Heartbeat
 from embedq.producer import router
 from embedq.producer.router import QueueState, decide, read_states
 from embedq.tasks import embed_texts
-from embedq.worker.heartbeat import TTL_S, Heartbeat
 from tests.conftest import unique_texts
 
 FAST, SLOW = QueueState(1, 3000.0, 0), QueueState(1, 100.0, 0)

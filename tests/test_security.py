@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from embedq.broker import tls_options
+from embedq.broker.tls import tls_options
 from embedq.errors import ConfigurationError
 from tests.test_faults import WORKER, free_port, isolated_env, logged_worker, port_answers
 from tests.test_processes import run_client

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from embedq.keys import content_hash
-from embedq.storage import Item, create_store
+from embedq.store.base import Item
+from embedq.store.factory import create_store
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

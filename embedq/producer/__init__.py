@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from embedq.broker import get_result
+from embedq.broker.results import get_result
 from embedq.codec import Embeddings
 from embedq.settings import get_settings
 

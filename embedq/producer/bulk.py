@@ -15,11 +15,12 @@ from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from embedq.broker import BROKER_ERRORS, get_result
+from embedq.broker.client import BROKER_ERRORS
+from embedq.broker.results import get_result
 from embedq.errors import InvalidInputError
+from embedq.inputs import parse_documents
 from embedq.producer.chunker import chunk_spans
 from embedq.producer.reader import BadRecord, Document, to_document
-from embedq.requests import parse_documents
 from embedq.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
-
+from embedq.encode.models import load_tokenizer
 from embedq.errors import InvalidInputError
-from embedq.worker.encoder import resolve_model_path
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(model: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(resolve_model_path(model)), local_files_only=True)
 
 
 def chunk_spans(text: str, max_tokens: int, overlap: int, model: str) -> list[tuple[int, int]]:
     """Character spans of windows of ``max_tokens`` tokens overlapping by ``overlap``."""
     if max_tokens < 8 or not 0 <= overlap < max_tokens:
         raise InvalidInputError("need --chunk-tokens >= 8 and 0 <= --overlap < --chunk-tokens")
-    offsets = _tokenizer(model)(text, add_special_tokens=False, return_offsets_mapping=True)[
+    offsets = load_tokenizer(model)(text, add_special_tokens=False, return_offsets_mapping=True)[
         "offset_mapping"
     ]
     if len(offsets) <= max_tokens:

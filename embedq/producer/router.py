@@ -18,10 +18,10 @@ from typing import Any
 
 import redis
 
-from embedq.broker import shared_client
+from embedq.broker.client import shared_client
 from embedq.keys import stats_key
+from embedq.ops.heartbeat import read_heartbeats
 from embedq.settings import get_settings
-from embedq.worker.heartbeat import read_heartbeats
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Any
 from celery import Task
 
 from embedq.app import app
-from embedq.broker import shared_client
+from embedq.broker.client import shared_client
 from embedq.codec import Embeddings
 from embedq.errors import INPUT_ERRORS, EncoderError, InvalidInputError, PoisonTaskError, StoreError
+from embedq.inputs import parse_embed_request
 from embedq.keys import delivery_key
-from embedq.requests import parse_embed_request
 from embedq.settings import get_settings
 from embedq.worker.runtime import get_runtime
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from embedq.app import app
-from embedq.indexes import rebuild_changed
-from embedq.requests import parse_documents
+from embedq.inputs import parse_documents
+from embedq.search.build import rebuild_changed
 from embedq.settings import get_settings
 from embedq.tasks.embed import retry_options
 from embedq.worker.runtime import get_runtime

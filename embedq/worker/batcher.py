@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedq import metrics
+from embedq.encode.base import Encoder, Tokenized, is_out_of_memory
 from embedq.errors import EncoderError
 from embedq.keys import vector_key
+from embedq.ops import metrics
 from embedq.worker.budget import BudgetTuner
 from embedq.worker.cache import Cache, pack_vector, unpack_vector
-from embedq.worker.encoder import Encoder, Tokenized, is_out_of_memory
 
 log = logging.getLogger(__name__)
 

@@ -11,17 +11,19 @@ from typing import Any
 import numpy as np
 import redis
 
-from embedq import metrics, slo
-from embedq.broker import connect
+from embedq.broker.client import connect
 from embedq.codec import Embeddings
+from embedq.encode.base import Encoder
+from embedq.encode.factory import create_encoder
 from embedq.errors import EncoderError, UnknownModelError
+from embedq.inputs import EmbedRequest
 from embedq.keys import content_hash
-from embedq.requests import EmbedRequest
+from embedq.ops import metrics, slo
 from embedq.settings import Settings, get_settings
-from embedq.storage import Item, Store, create_store
+from embedq.store.base import Item, Store
+from embedq.store.factory import create_store
 from embedq.worker.batcher import Batcher
 from embedq.worker.cache import RedisCache
-from embedq.worker.encoder import Encoder, create_encoder
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from embedq import metrics, slo
-from embedq.broker import check_eviction_policy, shared_client
+from embedq.broker.client import check_eviction_policy, shared_client
 from embedq.errors import INPUT_ERRORS
+from embedq.ops import metrics, slo
+from embedq.ops.heartbeat import Heartbeat
 from embedq.settings import get_settings
-from embedq.worker.heartbeat import Heartbeat
 from embedq.worker.runtime import close_runtime, get_runtime, slo_ttl_s
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""PyTorch backend of :class:`~embedq.worker.encoder.Encoder` (sentence-transformers model)."""
+"""PyTorch backend of :class:`~embedq.encode.base.Encoder` (sentence-transformers model)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from embedq.encode.base import Encoder, Tokenized
+from embedq.encode.device import batch_tokens_for, memory_cap_bytes, pick_device
+from embedq.encode.models import fingerprint, resolve_model_path
+from embedq.encode.tokenize import pad, tokenize_texts
 from embedq.errors import ConfigurationError, ModelLoadError
 from embedq.settings import Settings
-from embedq.worker.encoder import (
-    Encoder,
-    Tokenized,
-    batch_tokens_for,
-    fingerprint,
-    memory_cap_bytes,
-    resolve_model_path,
-)
 
 try:
     import torch
@@ -31,21 +27,6 @@ log = logging.getLogger(__name__)
 transformers.utils.logging.disable_progress_bar()
 
 
-def pick_device(wanted: str) -> str:
-    """``auto`` means cuda, then mps, then cpu; anything else is checked, not trusted."""
-    if wanted == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigurationError("EMBEDQ_DEVICE=cuda but no CUDA device is visible")
-    if wanted not in ("cpu", "mps") and not wanted.startswith("cuda"):
-        raise ConfigurationError(f"EMBEDQ_DEVICE={wanted!r}: use auto, cpu, cuda[:N] or mps")
-    return wanted
-
-
 GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -54,33 +35,6 @@ def gpu_dtype(name: str) -> torch.dtype:
     if name not in GPU_DTYPES:
         raise ConfigurationError(f"EMBEDQ_GPU_DTYPE={name!r}: use one of {sorted(GPU_DTYPES)}")
     return GPU_DTYPES[name]
-
-
-def pad(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad id lists into (input_ids, attention_mask) int64 arrays."""
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    mask = np.arange(int(lengths.max())) < lengths[:, None]
-    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
-    input_ids[mask] = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=mask.sum())
-    return input_ids, mask.astype(np.int64)
-
-
-def tokenize_texts(tokenizer: Any, texts: list[str], max_tokens: int) -> Tokenized:
-    """Token ids of ``texts`` cut to ``max_tokens``; a fast tokenizer's overflow says which
-    texts were cut (shared by every backend)."""
-    if not texts:
-        return Tokenized([], np.zeros(0, dtype=bool))
-    enc = tokenizer(
-        texts,
-        truncation=True,
-        max_length=max_tokens,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-    )
-    truncated = np.fromiter(
-        (len(e.overflowing) > 0 for e in enc.encodings), dtype=bool, count=len(texts)
-    )
-    return Tokenized(list(enc["input_ids"]), truncated)
 
 
 class TorchEncoder(Encoder):

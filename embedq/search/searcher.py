@@ -13,13 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from embedq.broker import get_result
+from embedq.broker.results import get_result
 from embedq.errors import InvalidInputError
-from embedq.indexes import DELTA_MARGIN, IndexCache, LoadedIndex
-from embedq.requests import parse_collection
+from embedq.inputs import parse_collection
+from embedq.search.base import normalize
+from embedq.search.exact import exact_top_k
+from embedq.search.loader import DELTA_MARGIN, IndexCache, LoadedIndex
 from embedq.settings import Settings, get_settings
-from embedq.storage import Item, Store, create_store
-from embedq.storage.index import exact_top_k, normalize
+from embedq.store.base import Item, Store
+from embedq.store.factory import create_store
 
 MAX_K = 1000
 # Metadata filters that match at most this many items are searched exactly.

@@ -1,4 +1,4 @@
-"""ONNX Runtime int8 backend of :class:`~embedq.worker.encoder.Encoder`, for CPU workers.
+"""ONNX Runtime int8 backend of :class:`~embedq.encode.base.Encoder`, for CPU workers.
 
 On first use the model is exported to ONNX (mean pooling included), fused by onnxruntime's
 transformer optimizer, and quantized dynamically to int8 with per-channel weight scales
@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from embedq.encode.base import Encoder, Tokenized
+from embedq.encode.device import batch_tokens_for, memory_cap_bytes
+from embedq.encode.tokenize import pad, tokenize_texts
+from embedq.encode.torch_backend import TorchEncoder
 from embedq.errors import ConfigurationError, ModelLoadError
 from embedq.settings import Settings
-from embedq.worker.encoder import Encoder, Tokenized, batch_tokens_for, memory_cap_bytes
-from embedq.worker.torch_encoder import TorchEncoder, pad, tokenize_texts
 
 try:
     import onnx

@@ -24,10 +24,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
-from embedq.app import QUEUES
 from embedq.keys import stats_key
-from embedq.settings import Settings
-from embedq.slo import evaluate, read_usage
+from embedq.ops.slo import evaluate, read_usage
+from embedq.settings import QUEUES, Settings
 
 log = logging.getLogger(__name__)
 

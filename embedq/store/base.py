@@ -1,4 +1,4 @@
-"""The ``Store`` seam: durable items (text, metadata, vector) per collection."""
+"""The store seams: ``ItemStore`` (items per collection) and ``BlobStore`` (index files)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-
-from embedq.errors import ConfigurationError
 
 
 @dataclass(frozen=True)
@@ -58,8 +56,9 @@ class Item:
     updated_at: datetime | None = None
 
 
-class Store(ABC):
-    """Durable storage of items. Upserts are idempotent on (collection, id)."""
+class ItemStore(ABC):
+    """Durable items per collection. Upserts are idempotent on (collection, id); every read
+    is confined to the collection it names."""
 
     @abstractmethod
     def upsert(self, items: Sequence[Item]) -> int:
@@ -107,6 +106,14 @@ class Store(ABC):
         """Count and latest update of every collection."""
 
     @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+
+class BlobStore(ABC):
+    """Versioned binary blobs (published index files), readable by every host."""
+
+    @abstractmethod
     def put_blob(self, name: str, data: bytes, meta: dict[str, Any]) -> int:
         """Publish ``data`` under ``name`` as a new version; returns the version."""
 
@@ -118,16 +125,6 @@ class Store(ABC):
     def get_blob(self, name: str, version: int) -> bytes:
         """The bytes of one published version."""
 
-    @abstractmethod
-    def close(self) -> None:
-        """Release connections."""
 
-
-def create_store(url: str) -> Store:
-    """The store for a database URL (``sqlite:///...`` or ``postgresql://...``)."""
-    scheme = url.split(":", 1)[0].split("+", 1)[0]
-    if scheme in ("sqlite", "postgresql", "postgres"):
-        from embedq.storage.sql import SQLStore
-
-        return SQLStore(url)
-    raise ConfigurationError(f"EMBEDQ_DATABASE_URL scheme {scheme!r}: use sqlite or postgresql")
+class Store(ItemStore, BlobStore):
+    """What the SQL backend provides: items and blobs in one database."""

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from embedq import slo
 from embedq.keys import HEARTBEAT_PREFIX, heartbeat_key
+from embedq.ops import slo
 
 if TYPE_CHECKING:
-    from embedq.worker.encoder import Encoder
+    from embedq.encode.base import Encoder
 
 log = logging.getLogger(__name__)
 

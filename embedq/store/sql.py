@@ -1,4 +1,4 @@
-"""SQLAlchemy backend of :class:`~embedq.storage.Store`: SQLite (default) or Postgres."""
+"""SQLAlchemy backend of :class:`~embedq.store.base.Store`: SQLite (default) or Postgres."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from embedq.errors import ConfigurationError, StoreError
-from embedq.storage import CollectionState, Item, Snapshot, Store
+from embedq.store.base import CollectionState, Item, Snapshot, Store
 
 # SQLite allows 32,766 bound parameters per statement; 12 columns x 1,000 rows stays under.
 ROWS_PER_STATEMENT = 1000

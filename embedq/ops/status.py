@@ -8,14 +8,13 @@ from typing import Any
 
 import redis
 
-from embedq.app import QUEUES
-from embedq.broker import check_eviction_policy
+from embedq.broker.client import check_eviction_policy
 from embedq.errors import StoreError
-from embedq.indexes import blob_name
-from embedq.settings import Settings
-from embedq.slo import evaluate, read_usage
-from embedq.storage import Store
-from embedq.worker.heartbeat import read_heartbeats
+from embedq.ops.heartbeat import read_heartbeats
+from embedq.ops.slo import evaluate, read_usage
+from embedq.search.build import blob_name
+from embedq.settings import QUEUES, Settings
+from embedq.store.base import Store
 
 # An index this far behind its collection's last write is reported as stale.
 STALE_INDEX_S = 2

@@ -54,7 +54,8 @@ def _print_matrix(console: Console, vectors: np.ndarray) -> None:
 
 def main() -> int:
     """Run the demo; returns a process exit code."""
-    from embedq.broker import get_result, redis_url
+    from embedq.broker.results import get_result
+    from embedq.broker.url import redis_url
     from embedq.tasks import embed_texts
 
     console = Console()

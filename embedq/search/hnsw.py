@@ -1,4 +1,4 @@
-"""hnswlib backend of :class:`~embedq.storage.index.Index` (cosine space)."""
+"""hnswlib backend of :class:`~embedq.search.base.Index` (cosine space)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedq.storage.index import Index
+from embedq.search.base import Index
 
 try:
     import hnswlib

@@ -33,7 +33,8 @@ from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import numpy as np
 
-from embedq.broker import connect, get_result
+from embedq.broker.client import connect
+from embedq.broker.results import get_result
 from embedq.errors import ConfigurationError
 
 DATASETS = ("sick", "pydoc", "mixed")
@@ -208,8 +209,8 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
 
 def worker_budget(url: str, queue: str) -> int | None:
     """The token budget the worker has learned, from its next heartbeat."""
-    from embedq.status import read_workers
-    from embedq.worker.heartbeat import INTERVAL_S
+    from embedq.ops.heartbeat import INTERVAL_S
+    from embedq.ops.status import read_workers
 
     time.sleep(INTERVAL_S + 0.5)
     workers = read_workers(connect(url)).get(queue) or [{}]
@@ -313,7 +314,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m embedq.bench '<options as JSON>'``: what ``embedq bench`` runs."""
+    """``python -m embedq.tools.bench '<options as JSON>'``: what ``embedq bench`` runs."""
     raw = json.loads(argv[0])
     opts = BenchOptions(**raw | {"out": Path(raw["out"]), "data_dir": Path(raw["data_dir"])})
     print(table(run(opts)))

@@ -1,0 +1,1 @@
+"""Operating embedq: worker heartbeats, SLOs, Prometheus metrics and ``embedq status``."""
