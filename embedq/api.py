@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedq.broker.client import shared_client
+from embedq.broker.client import incr_with_ttl, shared_client
 from embedq.broker.results import get_result
 from embedq.encode.models import load_tokenizer
 from embedq.errors import (
@@ -33,7 +33,6 @@ from embedq.errors import (
     EmbedqError,
     InvalidInputError,
     TooManyTextsError,
-    UnknownCollectionError,
     UnknownModelError,
 )
 from embedq.keys import rate_key
@@ -59,7 +58,6 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (TooManyTextsError, 413),
     (InvalidInputError, 422),
     (UnknownModelError, 404),
-    (UnknownCollectionError, 404),
     (BrokerUnavailableError, 503),
     (redis.ConnectionError, 503),
     (CeleryTimeout, 504),
@@ -174,11 +172,7 @@ class Service:
     def limit_rate(self, key_id: str) -> None:
         """Count this request against the key's per-minute budget; 429 when spent."""
         now = time.time()
-        key = rate_key(key_id, int(now // 60))
-        pipe = shared_client().pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, 120)
-        count = pipe.execute()[0]
+        count = incr_with_ttl(shared_client(), rate_key(key_id, int(now // 60)), 120)
         if count > self.settings.api_rate_limit_per_min:
             retry = str(int(60 - now % 60) + 1)
             message = (

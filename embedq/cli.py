@@ -330,12 +330,12 @@ def main() -> None:
     from celery.exceptions import TimeoutError as CeleryTimeout
     from kombu.exceptions import OperationalError
 
-    from embedq.errors import INPUT_ERRORS, EmbedqError, UnknownCollectionError
+    from embedq.errors import INPUT_ERRORS, EmbedqError
 
     np.set_printoptions(precision=3, suppress=True)
     try:
         cli()
-    except (*INPUT_ERRORS, UnknownCollectionError) as exc:
+    except INPUT_ERRORS as exc:
         _fail(f"{type(exc).__name__}: {exc}", 2)
     except EmbedqError as exc:
         _fail(f"{type(exc).__name__}: {exc}", 1)

@@ -47,10 +47,6 @@ class IndexQualityError(EmbedqError):
     """A freshly built index missed the recall target; the previous index stays in use."""
 
 
-class UnknownCollectionError(EmbedqError, LookupError):
-    """The named collection holds no items."""
-
-
 class PoisonTaskError(EmbedqError):
     """A task whose workers died running it ``EMBEDQ_TASK_MAX_DELIVERIES`` times: not retried."""
 

@@ -27,11 +27,19 @@ class EmbedRequest:
     collection: str | None = None
     ids: list[str] | None = None
     metadata: list[dict[str, Any]] | None = None
-    # Chunks of long documents: the document's id and the chunk's position in it.
-    parents: list[str] | None = None
-    positions: list[int] | None = None
+    # Chunks of long documents: the document's id and the chunk's index in it.
+    parent_ids: list[str | None] | None = None
+    chunk_indexes: list[int | None] | None = None
     # Positions whose text was cut to ``max_text_chars`` before tokenizing.
     clipped: tuple[int, ...] = ()
+
+
+def task_items(args: Any, kwargs: Any) -> list[Any] | None:
+    """The texts (or documents) of an ``embed_texts`` / ``ingest_documents`` call, found in
+    its Celery args by name or as the first list; None when there is none."""
+    named = [v for k, v in (kwargs or {}).items() if k in ("texts", "documents")]
+    found = named or [a for a in (*(args or ()), *(kwargs or {}).values())]
+    return next((list(a) for a in found if isinstance(a, list | tuple)), None)
 
 
 def _text(i: int, item: Any) -> str:
@@ -222,10 +230,10 @@ def parse_documents(
     docs = list(latest.values())
     texts, clipped = parse_texts([d.get("text") for d in docs], settings)
     check_storable(texts)
-    parents = [d.get("parent") for d in docs]
-    positions = [d.get("chunk") for d in docs]
-    if any(p is not None and not isinstance(p, str) for p in parents) or any(
-        c is not None and (isinstance(c, bool) or not isinstance(c, int)) for c in positions
+    parent_ids = [d.get("parent") for d in docs]
+    chunk_indexes = [d.get("chunk") for d in docs]
+    if any(p is not None and not isinstance(p, str) for p in parent_ids) or any(
+        c is not None and (isinstance(c, bool) or not isinstance(c, int)) for c in chunk_indexes
     ):
         raise InvalidInputError("parent must be a string and chunk an integer")
     return EmbedRequest(
@@ -234,7 +242,7 @@ def parse_documents(
         collection=name,
         ids=parse_ids([d.get("id") for d in docs], len(docs)),
         metadata=parse_metadata([d.get("metadata") or {} for d in docs], len(docs)),
-        parents=parents if any(p is not None for p in parents) else None,
-        positions=positions if any(c is not None for c in positions) else None,
+        parent_ids=parent_ids if any(p is not None for p in parent_ids) else None,
+        chunk_indexes=chunk_indexes if any(c is not None for c in chunk_indexes) else None,
         clipped=clipped,
     )

@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     api_max_body_mb: float = Field(16.0, description="Size of one HTTP request body, at most.")
     api_timeout_s: float = Field(30.0, description="How long the API waits for a worker.")
 
+    @property
+    def learns_batch_budget(self) -> bool:
+        """Whether workers learn their token budget: asked for, and no fixed budget set."""
+        return self.adaptive_batch and not self.max_batch_tokens
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -62,3 +62,11 @@ def check_eviction_policy(client: redis.Redis) -> str | None:
 def shared_client() -> redis.Redis:
     """One client (and connection pool) per process for embedq's own small Redis calls."""
     return connect()
+
+
+def incr_with_ttl(client: redis.Redis, key: str, ttl_s: int) -> int:
+    """INCR ``key`` and (re)set its TTL in one round trip; returns the new count."""
+    pipe = client.pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.expire(key, ttl_s)
+    return int(pipe.execute()[0])

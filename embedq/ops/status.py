@@ -16,8 +16,9 @@ from embedq.search.build import blob_name
 from embedq.settings import QUEUES, Settings
 from embedq.store.base import Store
 
-# An index this far behind its collection's last write is reported as stale.
-STALE_INDEX_S = 2
+# An index more than two rebuild intervals (and at least this many seconds) behind its
+# collection's last write is reported as stale.
+STALE_INDEX_MIN_S = 2
 
 
 @dataclass
@@ -119,7 +120,7 @@ def alerts(report: Report, settings: Settings, store_error: str | None = None) -
                 f"collection '{index['collection']}' has no index yet: searches scan exactly; "
                 "run `embedq index rebuild` or start `celery -A embedq.app beat`"
             )
-        elif (index["behind_s"] or 0) > max(STALE_INDEX_S, 2 * settings.index_rebuild_s):
+        elif (index["behind_s"] or 0) > max(STALE_INDEX_MIN_S, 2 * settings.index_rebuild_s):
             out.append(
                 f"index of '{index['collection']}' is {index['behind_s']:.0f} s behind its "
                 "writes: is celery beat running?"

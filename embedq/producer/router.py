@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from embedq.broker.client import shared_client
+from embedq.inputs import task_items
 from embedq.keys import stats_key
 from embedq.ops.heartbeat import read_heartbeats
 from embedq.settings import get_settings
@@ -115,5 +116,4 @@ def route_task(
     if explicit := options.get("queue"):
         count(getattr(explicit, "name", str(explicit)), "explicit")
         return None
-    items = next((a for a in (*args, *kwargs.values()) if isinstance(a, list | tuple)), ())
-    return {"queue": router.choose(len(items))}
+    return {"queue": router.choose(len(task_items(args, kwargs) or ()))}

@@ -38,7 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from embedq.errors import ConfigurationError, StoreError
 from embedq.store.base import CollectionState, Item, Snapshot, Store
 
-# SQLite allows 32,766 bound parameters per statement; 12 columns x 1,000 rows stays under.
+# SQLite allows 32,766 bound parameters per statement; 13 columns x 1,000 rows stays under.
 ROWS_PER_STATEMENT = 1000
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -151,7 +151,7 @@ def make_engine(url: str) -> Engine:
         raise ConfigurationError("Postgres needs: pip install 'embedq[postgres]'") from exc
 
 
-def _chunks(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+def _statement_batches(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         yield rows[start : start + ROWS_PER_STATEMENT]
 
@@ -268,8 +268,8 @@ class SQLStore(Store):
         )
         try:
             with self.engine.begin() as conn:
-                for chunk in _chunks(rows):
-                    conn.execute(stmt, chunk)
+                for batch in _statement_batches(rows):
+                    conn.execute(stmt, batch)
         except SQLAlchemyError as exc:
             raise StoreError(f"could not write {len(rows)} items: {brief(exc)}") from exc
         return len(rows)

@@ -10,10 +10,10 @@ from typing import Any
 from celery import Task
 
 from embedq.app import app
-from embedq.broker.client import shared_client
+from embedq.broker.client import incr_with_ttl, shared_client
 from embedq.codec import Embeddings
 from embedq.errors import INPUT_ERRORS, EncoderError, InvalidInputError, PoisonTaskError, StoreError
-from embedq.inputs import parse_embed_request
+from embedq.inputs import parse_embed_request, task_items
 from embedq.keys import delivery_key
 from embedq.settings import get_settings
 from embedq.worker.runtime import get_runtime
@@ -26,9 +26,8 @@ RETRIED_ERRORS = (EncoderError, StoreError)
 
 def redact(args: Any, kwargs: dict[str, Any] | None) -> tuple[str, str]:
     """Task args as shown in logs, events and Flower: counts, never document text."""
-    items = [a for a in (args or ()) if isinstance(a, list | tuple)]
-    items += [v for k, v in (kwargs or {}).items() if k in ("texts", "documents")]
-    count = len(items[0]) if items else "?"
+    items = task_items(args, kwargs)
+    count = "?" if items is None else len(items)
     named = [a for a in (args or ()) if isinstance(a, str)]
     shown = {k: v for k, v in (kwargs or {}).items() if k in ("model", "normalize", "collection")}
     return f"({', '.join(map(repr, [*named, f'<{count} items>']))})", repr(shown)
@@ -36,11 +35,7 @@ def redact(args: Any, kwargs: dict[str, Any] | None) -> tuple[str, str]:
 
 def count_delivery(task_id: str, retries: int, ttl_s: int) -> int:
     """How many times this attempt of this task has now been handed to a worker."""
-    pipe = shared_client().pipeline(transaction=False)
-    key = delivery_key(task_id, retries)
-    pipe.incr(key)
-    pipe.expire(key, ttl_s)
-    return int(pipe.execute()[0])
+    return incr_with_ttl(shared_client(), delivery_key(task_id, retries), ttl_s)
 
 
 class EmbedTask(Task):

@@ -235,6 +235,7 @@ class Batcher:
             floor=encoder.max_seq_tokens,
             cap=max(max_batch_tokens or 0, encoder.max_fit_tokens),
             latency_target_s=latency_target_s,
+            # A fixed budget given here is never tuned.
             adaptive=adaptive and not max_batch_tokens,
         )
         self.stats = BatcherStats()

@@ -48,10 +48,8 @@ class Cache(ABC):
         """Values for ``keys``, in order; ``None`` where absent."""
 
     @abstractmethod
-    def set_many(
-        self, items: Mapping[str, bytes], pipeline: redis.client.Pipeline | None = None
-    ) -> None:
-        """Store ``items``; with ``pipeline``, only queue the writes on it."""
+    def set_many(self, items: Mapping[str, bytes]) -> None:
+        """Store ``items`` (best effort: a failure is logged and counted, never raised)."""
 
 
 class RedisCache(Cache):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from embedq.broker.client import connect
+from embedq.broker.client import connect, shared_client
 from embedq.codec import Embeddings
 from embedq.encode.base import Encoder
 from embedq.encode.factory import create_encoder
@@ -40,7 +40,7 @@ class Runtime:
             self.cache,
             wait_s=settings.batch_wait_ms / 1000,
             max_batch_size=settings.max_batch_size,
-            adaptive=settings.adaptive_batch and not settings.max_batch_tokens,
+            adaptive=settings.learns_batch_budget,
             latency_target_s=(settings.batch_latency_target_ms or 0) / 1000 or None,
         )
         self._store: Store | None = None
@@ -95,7 +95,7 @@ class Runtime:
         metrics.CACHE.labels("miss").inc(texts - hits)
         metrics.TRUNCATED.inc(truncated)
         try:
-            slo.record_cache(self.cache.client, hits, texts - hits, slo_ttl_s(self.settings))
+            slo.record_cache(shared_client(), hits, texts - hits, slo_ttl_s(self.settings))
         except redis.RedisError as exc:
             log.warning("could not count cache answers: %s", exc)
 
@@ -151,8 +151,8 @@ class Runtime:
                 content_hash=hashes[i],
                 metadata=metadata[i],
                 truncated=i in cut,
-                parent_id=request.parents[i] if request.parents else None,
-                chunk_index=request.positions[i] if request.positions else None,
+                parent_id=request.parent_ids[i] if request.parent_ids else None,
+                chunk_index=request.chunk_indexes[i] if request.chunk_indexes else None,
             )
             for item_id, i in latest.items()
         ]
@@ -175,8 +175,8 @@ def _subset(request: EmbedRequest, keep: list[int]) -> EmbedRequest:
         texts=[request.texts[i] for i in keep],
         ids=pick(request.ids),
         metadata=pick(request.metadata),
-        parents=pick(request.parents),
-        positions=pick(request.positions),
+        parent_ids=pick(request.parent_ids),
+        chunk_indexes=pick(request.chunk_indexes),
         clipped=tuple(position[i] for i in request.clipped if i in position),
     )
 

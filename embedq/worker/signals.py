@@ -18,6 +18,7 @@ from celery.signals import (
 
 from embedq.broker.client import check_eviction_policy, shared_client
 from embedq.errors import INPUT_ERRORS
+from embedq.inputs import task_items
 from embedq.ops import metrics, slo
 from embedq.ops.heartbeat import Heartbeat
 from embedq.settings import get_settings
@@ -125,7 +126,7 @@ def _is_input(error: Any) -> bool:
 
 
 def _count_request(args: Any, kwargs: Any, seconds: float, failed: bool) -> None:
-    items = next((a for a in (*(args or ()), *(kwargs or {}).values()) if isinstance(a, list)), [])
+    items = task_items(args, kwargs) or []
     settings = get_settings()
     try:
         slo.record_request(
