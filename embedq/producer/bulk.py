@@ -22,6 +22,7 @@ from embedq.inputs import parse_documents
 from embedq.producer.chunker import chunk_spans
 from embedq.producer.reader import BadRecord, Document, to_document
 from embedq.settings import get_settings
+from embedq.store.base import now_version
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,10 @@ def ingest(
         for batch, parents, docs in _tasks(records, summary, chunk_size, chunk_tokens, overlap):
             while len(inflight.pending) >= max_in_flight:
                 inflight.settle_oldest()
-            sent = Sent((collection, batch, parents), options, docs, len(batch))
+            # The version orders writes of one item: an older task never undoes a newer one.
+            sent = Sent(
+                (collection, batch, parents, None, now_version()), options, docs, len(batch)
+            )
             try:
                 inflight.send(sent)
             except BROKER_ERRORS as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,15 +57,45 @@ class Item:
     pk: int | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    # When the request that wrote it was made (see :func:`now_version`); None: at writing.
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that decides whether a stored item already holds a document, bar the
+    vector (which follows from text and model)."""
+
+    id: str
+    content_hash: str
+    model: str
+    meta_hash: str
+
+
+def now_version() -> int:
+    """A version for a request made now: microseconds since the epoch. An upsert never
+    replaces an item written by a request with a higher version."""
+    return time.time_ns() // 1000
+
+
+def meta_hash(metadata: dict[str, Any] | None, parent_id: str | None, chunk: int | None) -> str:
+    """Digest of what an item carries besides its text: metadata, parent and chunk index."""
+    # Sorted keys and fixed separators: the same metadata always gives the same digest.
+    body = json.dumps(
+        [metadata or {}, parent_id, chunk], sort_keys=True, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class ItemStore(ABC):
-    """Durable items per collection. Upserts are idempotent on (collection, id); every read
-    is confined to the collection it names."""
+    """Durable items per collection. Upserts are idempotent on (collection, id) and never go
+    backwards (an item of a lower version never replaces one of a higher); every read is
+    confined to the collection it names."""
 
     @abstractmethod
     def upsert(self, items: Sequence[Item]) -> int:
-        """Insert or replace ``items``; returns how many were written."""
+        """Insert or replace ``items``, except where the stored item has a higher version;
+        returns how many were sent."""
 
     @abstractmethod
     def get(self, collection: str, ids: Sequence[str]) -> list[Item]:
@@ -77,12 +110,18 @@ class ItemStore(ABC):
         """Remove ``ids``; returns how many existed."""
 
     @abstractmethod
-    def hashes(self, collection: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        """(content hash, model) of each stored id among ``ids``."""
+    def mark_current(
+        self, collection: str, prints: Sequence[Fingerprint], version: int
+    ) -> set[str]:
+        """Raise to ``version`` the items stored exactly as ``prints`` describe; returns the
+        ids that need no write: stored so, or stored by a request of a higher version."""
 
     @abstractmethod
-    def delete_chunks(self, collection: str, parent_id: str, keep_below: int) -> int:
-        """Remove chunks of ``parent_id`` at positions >= ``keep_below``."""
+    def delete_chunks(
+        self, collection: str, parent_id: str, keep_below: int, version: int | None = None
+    ) -> int:
+        """Remove chunks of ``parent_id`` at positions >= ``keep_below`` (only those written
+        by requests older than ``version``, if given)."""
 
     @abstractmethod
     def by_pk(self, collection: str, pks: Sequence[int]) -> list[Item]:

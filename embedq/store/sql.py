@@ -4,43 +4,50 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
+    Connection,
     DateTime,
-    Engine,
     Index,
     Integer,
     LargeBinary,
     String,
     Text,
     UniqueConstraint,
-    create_engine,
+    bindparam,
     delete,
-    event,
     func,
-    inspect,
     literal,
     select,
-    text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from embedq.errors import ConfigurationError, StoreError
-from embedq.store.base import CollectionState, Item, Snapshot, Store
+from embedq.errors import StoreError
+from embedq.settings import Settings, get_settings
+from embedq.store import migrations
+from embedq.store.base import (
+    CollectionState,
+    Fingerprint,
+    Item,
+    Snapshot,
+    Store,
+    meta_hash,
+    now_version,
+)
+from embedq.store.engine import brief, make_engine, retry_policy
 
-# SQLite allows 32,766 bound parameters per statement; 13 columns x 1,000 rows stays under.
+# SQLite allows 32,766 bound parameters per statement; 15 columns x 1,000 rows stays under.
 ROWS_PER_STATEMENT = 1000
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 class Base(DeclarativeBase):
@@ -75,8 +82,14 @@ class ItemRow(Base):
     chunk_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The writing request's version (microseconds since the epoch when it was made): an
+    # upsert of a lower version leaves the row alone.
+    version: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # Digest of metadata, parent and chunk index: an unchanged re-ingest is skipped by it.
+    meta_hash: Mapped[str] = mapped_column(String(64), server_default="")
 
 
+# The schema is made by the Alembic revisions in embedq/store/migrations, not by create_all.
 _UPDATED_COLUMNS = (
     "content_hash",
     "text",
@@ -85,7 +98,11 @@ _UPDATED_COLUMNS = (
     "dim",
     "vector",
     "truncated",
+    "parent_id",
+    "chunk_index",
     "updated_at",
+    "version",
+    "meta_hash",
 )
 
 
@@ -118,39 +135,6 @@ BLOB_PART_BYTES = 8 * 2**20
 BLOB_VERSIONS_KEPT = 2
 
 
-def normalize_url(url: str) -> str:
-    """Use psycopg 3 for Postgres URLs that name no driver."""
-    for prefix in ("postgres://", "postgresql://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url.removeprefix(prefix)
-    return url
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets readers run beside one writer; the busy timeout makes writers wait, not fail.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL and a busy timeout, its folder is created."""
-    url = normalize_url(url)
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    try:
-        return create_engine(url, pool_pre_ping=True)
-    except ModuleNotFoundError as exc:
-        raise ConfigurationError("Postgres needs: pip install 'embedq[postgres]'") from exc
-
-
 def _statement_batches(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         yield rows[start : start + ROWS_PER_STATEMENT]
@@ -172,7 +156,17 @@ def _row(item: Item, now: datetime) -> dict[str, Any]:
         "chunk_index": item.chunk_index,
         "created_at": now,
         "updated_at": now,
+        "version": now_version() if item.version is None else item.version,
+        "meta_hash": meta_hash(item.metadata, item.parent_id, item.chunk_index),
     }
+
+
+def _print_key(p: Fingerprint) -> tuple[str, str, str]:
+    return (p.content_hash, p.model, p.meta_hash)
+
+
+def _print_params(p: Fingerprint) -> dict[str, str]:
+    return {"b_id": p.id, "b_hash": p.content_hash, "b_model": p.model, "b_meta": p.meta_hash}
 
 
 def _item(row: ItemRow) -> Item:
@@ -190,17 +184,21 @@ def _item(row: ItemRow) -> Item:
         pk=row.pk,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        version=row.version,
     )
 
 
-def _store_errors(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Turn the driver's errors into :class:`StoreError` naming what failed."""
+def _store_errors(
+    what: str,
+) -> Callable[[Callable[Concatenate[SQLStore, P], R]], Callable[Concatenate[SQLStore, P], R]]:
+    """Retry connection errors within the store's budget, then turn the driver's errors
+    into :class:`StoreError` naming what failed."""
 
-    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+    def wrap(fn: Callable[Concatenate[SQLStore, P], R]) -> Callable[Concatenate[SQLStore, P], R]:
         @functools.wraps(fn)
-        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        def run(self: SQLStore, *args: P.args, **kwargs: P.kwargs) -> R:
             try:
-                return fn(*args, **kwargs)
+                return self.retry.call(lambda: fn(self, *args, **kwargs))
             except SQLAlchemyError as exc:
                 raise StoreError(f"could not {what}: {brief(exc)}") from exc
 
@@ -209,70 +207,50 @@ def _store_errors(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return wrap
 
 
-def brief(exc: SQLAlchemyError) -> str:
-    """The driver's one-line reason, without the SQL and its parameters (document text)."""
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {reason[0] if reason else ''}"
-
-
 class SQLStore(Store):
     """Items in one table, ``embedq_items``, unique on (collection, external_id)."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
+    def __init__(self, url: str, settings: Settings | None = None) -> None:
+        settings = settings or get_settings()
+        self.engine = make_engine(url, settings)
         self.dialect = self.engine.dialect.name
-        self._create_lock = threading.Lock()
-        self._create_tables()
+        self.retry = retry_policy(self.dialect, settings)
+        self._migrate()
 
     @_store_errors("create or update the tables")
-    def _create_tables(self) -> None:
-        with self._create_lock:
-            try:
-                self._migrate()
-            except SQLAlchemyError:
-                # Another worker migrated at the same moment; a second pass sees its work.
-                self._migrate()
-
     def _migrate(self) -> None:
-        """Create missing tables, then add columns and indexes that newer versions define
-        (additive only: nullable columns, so old rows stay valid)."""
-        Base.metadata.create_all(self.engine)
-        inspector = inspect(self.engine)
-        for table in Base.metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present:
-                    kind = column.type.compile(dialect=self.engine.dialect)
-                    with self.engine.begin() as conn:
-                        conn.execute(
-                            text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
-                        )
-            for index in table.indexes:
-                index.create(self.engine, checkfirst=True)
+        """Apply the Alembic revisions this database lacks (one process at a time)."""
+        migrations.upgrade(self.engine)
 
     def _insert(self) -> Any:
         module = postgresql if self.dialect == "postgresql" else sqlite
         return module.insert(ItemRow)
 
     def upsert(self, items: Sequence[Item]) -> int:
-        """One INSERT ... ON CONFLICT DO UPDATE per 1,000 rows, all in one transaction."""
+        """One INSERT ... ON CONFLICT DO UPDATE per 1,000 rows, all in one transaction; a
+        stored row of a higher version is left as it is."""
         if not items:
             return 0
         now = datetime.now(UTC)
         rows = [_row(item, now) for item in items]
         stmt = self._insert()
-        # created_at stays as first written; everything else takes the new values.
+        # created_at stays as first written; everything else takes the new values, unless
+        # the row was written by a newer request (a redelivered old task must not undo it).
         stmt = stmt.on_conflict_do_update(
             index_elements=["collection", "external_id"],
             set_={name: stmt.excluded[name] for name in _UPDATED_COLUMNS},
+            where=ItemRow.__table__.c.version <= stmt.excluded.version,
         )
         try:
-            with self.engine.begin() as conn:
-                for batch in _statement_batches(rows):
-                    conn.execute(stmt, batch)
+            self.retry.call(lambda: self._write(stmt, rows))
         except SQLAlchemyError as exc:
             raise StoreError(f"could not write {len(rows)} items: {brief(exc)}") from exc
         return len(rows)
+
+    def _write(self, stmt: Any, rows: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            for batch in _statement_batches(rows):
+                conn.execute(stmt, batch)
 
     @_store_errors("read items")
     def get(self, collection: str, ids: Sequence[str]) -> list[Item]:
@@ -299,23 +277,69 @@ class SQLStore(Store):
         with self.engine.begin() as conn:
             return int(conn.execute(query).rowcount)
 
-    @_store_errors("read content hashes")
-    def hashes(self, collection: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        """(content hash, model) of the stored ids among ``ids``."""
-        query = select(ItemRow.external_id, ItemRow.content_hash, ItemRow.model).where(
-            ItemRow.collection == collection, ItemRow.external_id.in_(list(ids))
+    @_store_errors("compare stored items")
+    def mark_current(
+        self, collection: str, prints: Sequence[Fingerprint], version: int
+    ) -> set[str]:
+        """Stored items equal to ``prints`` take ``version`` if theirs is lower; returns the
+        ids now stored at ``version`` or higher (nothing to write for them).
+
+        The raise compares the item again in its UPDATE, so an item another task changed
+        meanwhile is never marked current by mistake; a fresh ingest writes nothing here."""
+        if not prints:
+            return set()
+        columns = (ItemRow.content_hash, ItemRow.model, ItemRow.meta_hash, ItemRow.version)
+        query = select(ItemRow.external_id, *columns).where(
+            ItemRow.collection == collection, ItemRow.external_id.in_([p.id for p in prints])
         )
-        with self.engine.connect() as conn:
-            return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
+        with self.engine.begin() as conn:
+            stored = {row[0]: row[1:] for row in conn.execute(query)}
+            done = {i for i, row in stored.items() if row[3] >= version}
+            same = [p for p in prints if stored.get(p.id, ())[:3] == _print_key(p)]
+            stale = [p for p in same if p.id not in done]
+            if stale:
+                done |= self._raise_versions(conn, collection, stale, version)
+        return done
+
+    @staticmethod
+    def _raise_versions(
+        conn: Connection, collection: str, prints: list[Fingerprint], version: int
+    ) -> set[str]:
+        """Set ``version`` on the items still stored exactly as ``prints``; returns the ids
+        now at ``version`` or above."""
+        conn.execute(
+            update(ItemRow)
+            .where(
+                ItemRow.collection == collection,
+                ItemRow.external_id == bindparam("b_id"),
+                ItemRow.content_hash == bindparam("b_hash"),
+                ItemRow.model == bindparam("b_model"),
+                ItemRow.meta_hash == bindparam("b_meta"),
+                ItemRow.version < version,
+            )
+            .values(version=version),
+            [_print_params(p) for p in prints],
+        )
+        query = select(ItemRow.external_id).where(
+            ItemRow.collection == collection,
+            ItemRow.external_id.in_([p.id for p in prints]),
+            ItemRow.version >= version,
+        )
+        return set(conn.execute(query).scalars())
 
     @_store_errors("delete stale chunks")
-    def delete_chunks(self, collection: str, parent_id: str, keep_below: int) -> int:
-        """Remove the chunks of ``parent_id`` that a shorter new text no longer has."""
+    def delete_chunks(
+        self, collection: str, parent_id: str, keep_below: int, version: int | None = None
+    ) -> int:
+        """Remove the chunks of ``parent_id`` that a shorter new text no longer has (only
+        those older than ``version``: a newer request's chunks stay)."""
         query = delete(ItemRow).where(
             ItemRow.collection == collection,
             ItemRow.parent_id == parent_id,
             ItemRow.chunk_index >= keep_below,
         )
+        if version is not None:
+            query = query.where(ItemRow.version < version)
         with self.engine.begin() as conn:
             return int(conn.execute(query).rowcount)
 

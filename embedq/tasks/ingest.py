@@ -18,10 +18,13 @@ def ingest_documents(
     documents: list[dict[str, Any]],
     chunks: dict[str, int] | None = None,
     model: str | None = None,
+    version: int | None = None,
 ) -> dict[str, int]:
     """Embed and store ``documents`` (dicts: id, text, metadata, parent, chunk) unless they
-    are stored already with the same text; returns counts."""
-    request = parse_documents(collection, documents, model)
+    are stored already just so; returns counts. ``version`` (microseconds since the epoch,
+    set by the producer when it made the task) keeps a redelivered older task from
+    replacing what a newer one stored."""
+    request = parse_documents(collection, documents, model, version=version)
     return get_runtime().ingest(request, dict(chunks or {}))
 
 

@@ -20,7 +20,7 @@ from embedq.inputs import EmbedRequest
 from embedq.keys import content_hash
 from embedq.ops import metrics, slo
 from embedq.settings import Settings, get_settings
-from embedq.store.base import Item, Store
+from embedq.store.base import Fingerprint, Item, Store, meta_hash, now_version
 from embedq.store.factory import create_store
 from embedq.worker.batcher import Batcher
 from embedq.worker.cache import RedisCache
@@ -100,27 +100,25 @@ class Runtime:
             log.warning("could not count cache answers: %s", exc)
 
     def ingest(self, request: EmbedRequest, chunks: dict[str, int]) -> dict[str, int]:
-        """Store documents, skipping those stored with the same content hash and model.
+        """Store documents, skipping those stored with the same text, model, metadata,
+        parent and chunk (or stored by a newer request).
 
         ``chunks`` maps a parent id to its number of chunks: stale chunks past it go.
         Returns counts only (never vectors).
         """
         assert request.collection is not None and request.ids is not None
         self._check_model(request)
-        stored = self.store.hashes(request.collection, request.ids)
+        version = request.version or now_version()
         hashes = [content_hash(text) for text in request.texts]
-        model_id = self.encoder.model_id
-        todo = [
-            i
-            for i, (doc_id, digest) in enumerate(zip(request.ids, hashes, strict=True))
-            if stored.get(doc_id) != (digest, model_id)
-        ]
+        prints = self._fingerprints(request, hashes)
+        current = self.store.mark_current(request.collection, prints, version)
+        todo = [i for i, doc_id in enumerate(request.ids) if doc_id not in current]
         subset = _subset(request, todo)
         vectors, cache_hits = self._encode(subset)
         if todo:
-            self.save(subset, vectors, [hashes[i] for i in todo])
+            self.save(subset, vectors, [hashes[i] for i in todo], version)
         for parent, count in chunks.items():
-            self.store.delete_chunks(request.collection, parent, count)
+            self.store.delete_chunks(request.collection, parent, count, version)
         return {
             "received": len(request.texts),
             "skipped": len(request.texts) - len(todo),
@@ -130,15 +128,38 @@ class Runtime:
             "truncated": len(vectors.truncated),
         }
 
+    def _fingerprints(self, request: EmbedRequest, hashes: list[str]) -> list[Fingerprint]:
+        """What each document would be stored as, but its vector."""
+        assert request.ids is not None
+        return [
+            Fingerprint(
+                id=doc_id,
+                content_hash=hashes[i],
+                model=self.encoder.model_id,
+                meta_hash=meta_hash(
+                    request.metadata[i] if request.metadata else None,
+                    request.parent_ids[i] if request.parent_ids else None,
+                    request.chunk_indexes[i] if request.chunk_indexes else None,
+                ),
+            )
+            for i, doc_id in enumerate(request.ids)
+        ]
+
     def save(
-        self, request: EmbedRequest, vectors: Embeddings, hashes: list[str] | None = None
+        self,
+        request: EmbedRequest,
+        vectors: Embeddings,
+        hashes: list[str] | None = None,
+        version: int | None = None,
     ) -> int:
-        """Upsert the request's items; ids default to the content hash of each text."""
+        """Upsert the request's items; ids default to the content hash of each text.
+        ``version`` (default: the request's, else now) orders writes of the same item."""
         assert request.collection is not None
         hashes = hashes or [content_hash(t) for t in request.texts]
         ids = request.ids or hashes
         metadata = request.metadata or [{}] * len(ids)
         cut = set(vectors.truncated)
+        version = version or request.version or now_version()
         # Repeated texts without ids share one content-hash id: keep the last occurrence.
         latest = {item_id: i for i, item_id in enumerate(ids)}
         items = [
@@ -153,6 +174,7 @@ class Runtime:
                 truncated=i in cut,
                 parent_id=request.parent_ids[i] if request.parent_ids else None,
                 chunk_index=request.chunk_indexes[i] if request.chunk_indexes else None,
+                version=version,
             )
             for item_id, i in latest.items()
         ]
