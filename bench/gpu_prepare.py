@@ -332,7 +332,12 @@ def tree_bytes(folder: Path) -> int:
 def checkout_bytes() -> int:
     """Bytes of the rest of what travels: tracked and untracked-not-ignored files."""
     cmd = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
-    names = subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    try:
+        listing = subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        log("not a git checkout: the checkout's own size is not counted")
+        return 0
+    names = listing.split(b"\0")
     paths = (ROOT / n.decode() for n in names if n)
     return sum(p.stat().st_size for p in paths if p.is_file())
 
