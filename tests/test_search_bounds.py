@@ -180,3 +180,33 @@ def test_a_delta_over_its_cap_is_dropped_and_the_search_is_exact(store, tmp_path
     build_index(store, name, tmp_path / "builder")
     assert searcher.search(query, name, k=1)[0].id == "id-42"
     assert name in searcher._deltas, "with an index, the few new rows fit"
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_past_the_exact_limit_and_the_fetch_cap_the_search_is_still_exact(
+    store, tmp_path, monkeypatch
+):
+    """Small limits stand in for 20,000 and 4,096 so both databases walk every path: the
+    exact scan abandoned past its limit, the capped over-fetch, the streamed exact search."""
+    monkeypatch.setattr(searching, "EXACT_FILTER_LIMIT", 100)
+    monkeypatch.setattr(searching, "MAX_FETCH", 64)
+    monkeypatch.setattr(searching, "PAGE", 50)
+    name, vectors = _collection(store, 1200, 12)
+    vectors[:600] = np.abs(vectors[:600])  # the even items are spread over both halves
+    store.upsert(
+        [
+            Item(name, f"id-{i}", f"{name} {i}", v, "m@1", "h", {"odd": i % 2, "low": i < 600})
+            for i, v in enumerate(vectors)
+        ]
+    )
+    build_index(store, name, tmp_path / "builder")
+    searcher = Searcher(store, Settings(data_dir=tmp_path))
+    query = np.ones(DIM, dtype=np.float32)  # nearest: the low half, which the filter excludes
+    for where in ({"low": False}, {"low": False, "odd": 1}):
+        mask = np.arange(1200) >= 600
+        if "odd" in where:
+            mask &= np.arange(1200) % 2 == 1
+        hits = searcher.search(query, name, k=7, where=where)
+        assert [h.id for h in hits] == _exact(vectors, mask, query, 7), where
+    hits = searcher.search(query, name, k=5, parents=True)
+    assert [h.id for h in hits] == _exact(vectors, np.ones(1200, bool), query, 5)
