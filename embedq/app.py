@@ -13,7 +13,7 @@ from celery import Celery
 from kombu import Queue
 
 from embedq import codec
-from embedq.broker.tls import tls_options
+from embedq.broker.tls import connection_tls
 from embedq.broker.transport import register_transport
 from embedq.broker.url import redis_url
 from embedq.settings import QUEUES, get_settings
@@ -40,8 +40,9 @@ def _config() -> dict[str, Any]:
         "result_backend": url,
         "broker_transport_options": broker_transport,
         "result_backend_transport_options": transport,
-        # rediss:// URLs: kombu would otherwise skip certificate checks (CERT_NONE).
-        "broker_use_ssl": tls_options(url) or False,
+        # rediss:// URLs: TLS options for both (certificates and host names checked).
+        "broker_use_ssl": connection_tls(url) or False,
+        "redis_backend_use_ssl": connection_tls(url) or False,
         "broker_connection_retry_on_startup": True,
         # Keep retrying through a Redis restart or failover instead of giving up after 100.
         "broker_connection_max_retries": None,

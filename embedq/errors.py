@@ -47,6 +47,18 @@ class IndexQualityError(EmbedqError):
     """A freshly built index missed the recall target; the previous index stays in use."""
 
 
+class IndexBuildBusyError(EmbedqError):
+    """Another build of the same collection holds its lock (on this host or another)."""
+
+
+class StaleVersionError(EmbedqError):
+    """A blob built from an older snapshot than the published one: never published."""
+
+
+class IndexIntegrityError(EmbedqError):
+    """A published index whose bytes do not match its sha256 or its layout: not loaded."""
+
+
 class PoisonTaskError(EmbedqError):
     """A task whose workers died running it ``EMBEDQ_TASK_MAX_DELIVERIES`` times: not retried."""
 

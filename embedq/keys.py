@@ -55,3 +55,8 @@ def rate_key(api_key_id: str, minute: int) -> str:
 def delivery_key(task_id: str, retries: int) -> str:
     """Counts how often one attempt of one task was handed to a worker."""
     return f"{DELIVERY_PREFIX}:{task_id}:{retries}"
+
+
+def index_build_lock_key(collection: str) -> str:
+    """The lock one collection's index build holds (expires unless its builder renews it)."""
+    return f"{PREFIX}:lock:index:{collection}"

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     index_rebuild_s: int = Field(
         300, description="Celery beat rebuilds the indexes of changed collections this often."
     )
+    search_collections_kept: int = Field(
+        64,
+        description="Collections whose loaded index and recent writes a searching process "
+        "keeps in memory (least recently searched dropped first).",
+    )
     result_expires_s: int = Field(3600, description="How long task results stay in Redis.")
     task_max_retries: int = Field(
         3, description="Retries of a task whose encoder or store failed, then it fails."

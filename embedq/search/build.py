@@ -1,8 +1,10 @@
 """Building and publishing the per-collection indexes.
 
-A build reads a snapshot of the store, indexes it into a temp file, checks recall@10 against
-exact search on a sample, and publishes the file to the store as a new version. Any host
-with the same store loads the latest version (:mod:`embedq.search.loader`).
+A build holds its collection's lock (:mod:`embedq.search.lock`), reads a snapshot of the
+store, indexes it into a temp file, checks recall@10 against exact search on a sample, and
+publishes the file with its sha256 to the store as a new version, unless a version read later
+was published meanwhile. Any host with the same store loads the latest version
+(:mod:`embedq.search.loader`), after checking its sha256.
 """
 
 from __future__ import annotations
@@ -11,17 +13,27 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 
-from embedq.errors import IndexQualityError, StoreError
+from embedq.broker.client import shared_client
+from embedq.errors import (
+    IndexBuildBusyError,
+    IndexIntegrityError,
+    IndexQualityError,
+    StaleVersionError,
+    StoreError,
+)
 from embedq.search.base import Index
 from embedq.search.exact import recall_at_k
 from embedq.search.factory import create_index
-from embedq.store.base import CollectionState, Store
+from embedq.search.lock import BuildLock
+from embedq.store.base import CollectionState, Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +62,15 @@ def index_dir(data_dir: Path, collection: str) -> Path:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temp file, fsync, then os.replace: readers see the old or the new file."""
+    """Write to a temp file, fsync, then os.replace: readers see the old or the new file.
+
+    The temp file's name is unique (``mkstemp``), so concurrent writers never share one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with tmp.open("wb") as fh:
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -76,21 +92,48 @@ def pack_blob(index_bytes: bytes, pks: np.ndarray, stamps: np.ndarray) -> bytes:
 
 
 def unpack_blob(data: bytes) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """Inverse of :func:`pack_blob`."""
-    size, count = np.frombuffer(data[:16], dtype=np.int64)
-    body = 16 + int(size)
-    pks = np.frombuffer(data[body : body + 8 * int(count)], dtype=np.int64)
-    stamps = np.frombuffer(data[body + 8 * int(count) :], dtype=np.int64)
+    """Inverse of :func:`pack_blob`; raises :class:`IndexIntegrityError` on a bad layout."""
+    if len(data) < 16:
+        raise IndexIntegrityError(f"index blob of {len(data)} bytes has no header")
+    size, count = (int(n) for n in np.frombuffer(data[:16], dtype=np.int64))
+    body = 16 + size
+    if size < 0 or count < 0 or len(data) != body + 16 * count:
+        raise IndexIntegrityError(f"index blob of {len(data)} bytes: header ({size}, {count})")
+    pks = np.frombuffer(data[body : body + 8 * count], dtype=np.int64)
+    stamps = np.frombuffer(data[body + 8 * count :], dtype=np.int64)
     return data[16:body], pks, stamps
 
 
+def sha256(data: bytes) -> str:
+    """The checksum published with each index version and checked before it is loaded."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def build_index(
-    store: Store, collection: str, data_dir: Path, state: CollectionState | None = None
+    store: Store,
+    collection: str,
+    data_dir: Path,
+    state: CollectionState | None = None,
+    client: redis.Redis | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Build, check and publish the index of ``collection``; returns (version, metadata).
 
+    Holds the collection's build lock (in Redis, ``client`` or the shared one) throughout:
+    raises :class:`IndexBuildBusyError` if another build holds it, and
+    :class:`StaleVersionError` if a version read later was published meanwhile.
     ``state`` is the collection's state read before the snapshot (read here if not given).
     """
+    with BuildLock(client or shared_client(), collection) as lock:
+        return _build_locked(store, collection, data_dir, state, lock)
+
+
+def _build_locked(
+    store: Store,
+    collection: str,
+    data_dir: Path,
+    state: CollectionState | None,
+    lock: BuildLock,
+) -> tuple[int, dict[str, Any]]:
     if state is None:
         state = next((s for s in store.states() if s.collection == collection), None)
     snap = store.snapshot(collection)
@@ -99,13 +142,7 @@ def build_index(
     index = create_index(INDEX_KIND, dim)
     index.build(snap.pks, snap.vectors)
     recall = _tune_ef(index, snap.vectors, snap.pks)
-    tmp = index_dir(data_dir, collection) / f".build-{os.getpid()}.tmp"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        index.save(tmp)
-        data = pack_blob(tmp.read_bytes(), snap.pks, snap.stamps)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = _packed(index, snap, index_dir(data_dir, collection))
     meta = {
         "state": state.token if state else "0:-",
         "built_at": snap.taken_at.isoformat(),
@@ -114,11 +151,25 @@ def build_index(
         "ef": getattr(index, "ef", None),
         "recall_at_10": round(recall, 4),
         "build_s": round(time.perf_counter() - started, 3),
+        "sha256": sha256(data),
     }
-    version = store.put_blob(blob_name(collection), data, meta)
+    lock.check()  # a build whose lock expired may race a newer one: publish nothing
+    version = store.put_blob(blob_name(collection), data, meta, taken_at=snap.taken_at)
     write_atomically(index_dir(data_dir, collection) / f"v{version}.blob", data)
     log.info("index %s v%d: %s", collection, version, meta)
     return version, meta
+
+
+def _packed(index: Index, snap: Snapshot, folder: Path) -> bytes:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        index.save(tmp)
+        return pack_blob(tmp.read_bytes(), snap.pks, snap.stamps)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _tune_ef(index: Index, vectors: Any, labels: Any) -> float:
@@ -133,20 +184,49 @@ def _tune_ef(index: Index, vectors: Any, labels: Any) -> float:
     )
 
 
-def rebuild_changed(store: Store, data_dir: Path, only: str | None = None) -> dict[str, Any]:
-    """Rebuild the index of every collection whose contents changed since its last build."""
+def rebuild_changed(
+    store: Store, data_dir: Path, only: str | None = None, client: redis.Redis | None = None
+) -> dict[str, Any]:
+    """Rebuild the index of every collection whose contents changed since its last build.
+
+    Each collection is reported on its own: its build's metadata, ``unchanged``,
+    ``skipped: <why>`` (another build holds it, or published newer) or ``failed: <why>``
+    (its old index stays published); one failure never stops the others.
+    """
     report: dict[str, Any] = {}
     for state in store.states():
         if only and state.collection != only:
             continue
-        published = store.blob_version(blob_name(state.collection))
-        if published and published[1].get("state") == state.token:
+        if _is_current(store, state):
             report[state.collection] = "unchanged"
             continue
-        try:
-            report[state.collection] = build_index(store, state.collection, data_dir, state)[1]
-        # The previous version stays published and in use; the next run tries again.
-        except (IndexQualityError, StoreError, OSError, RuntimeError) as exc:
-            log.error("index %s not rebuilt (old index kept): %s", state.collection, exc)
-            report[state.collection] = f"failed: {type(exc).__name__}: {exc}"
+        report[state.collection] = _rebuild(store, state, data_dir, client or shared_client())
     return report
+
+
+def _is_current(store: Store, state: CollectionState) -> bool:
+    published = store.blob_version(blob_name(state.collection))
+    return bool(published and published[1].get("state") == state.token)
+
+
+def _rebuild(
+    store: Store, state: CollectionState, data_dir: Path, client: redis.Redis
+) -> dict[str, Any] | str:
+    name = state.collection
+    try:
+        with BuildLock(client, name) as lock:
+            # Another build may have published this very state while this one waited.
+            if _is_current(store, state):
+                return "unchanged"
+            return _build_locked(store, name, data_dir, state, lock)[1]
+    except (IndexBuildBusyError, StaleVersionError) as exc:
+        log.info("index %s not rebuilt here: %s", name, exc)
+        return f"skipped: {exc}"
+    # The previous version stays published and in use; the next run tries again.
+    except (IndexQualityError, StoreError, OSError, RuntimeError, redis.RedisError) as exc:
+        log.error("index %s not rebuilt (old index kept): %s", name, exc)
+        return f"failed: {type(exc).__name__}: {exc}"
+    # Whatever one collection's rows hold, the collections after it are still rebuilt.
+    except Exception as exc:
+        log.exception("index %s not rebuilt (old index kept)", name)
+        return f"failed: {type(exc).__name__}: {exc}"

@@ -2,16 +2,25 @@
 
 Hits are always read back from the store, so a deleted item is never returned, and an item
 updated since the index was built is scored with its new vector (it is in the delta).
+
+Memory is bounded whatever the filter or the collection's size: exact search streams
+(row key, vector) pages and keeps a running top-k; the index is over-fetched at most
+``MAX_FETCH`` deep, with the filter checked in the database on the candidates only; every IN
+list holds at most ``PAGE`` keys; the delta holds at most ``DELTA_MAX_ROWS`` rows; and the
+per-collection caches keep ``EMBEDQ_SEARCH_COLLECTIONS_KEPT`` collections.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from cachetools import LRUCache
 
 from embedq.broker.results import get_result
 from embedq.errors import InvalidInputError
@@ -23,9 +32,17 @@ from embedq.settings import Settings, get_settings
 from embedq.store.base import Item, Store
 from embedq.store.factory import create_store
 
+log = logging.getLogger(__name__)
+
 MAX_K = 1000
 # Metadata filters that match at most this many items are searched exactly.
 EXACT_FILTER_LIMIT = 20_000
+# Deepest over-fetch from the index; past it, the search is exact (streamed).
+MAX_FETCH = 4096
+# Keys per IN list and rows per page: far below SQLite's 32,766 bound variables.
+PAGE = 1000
+# Rows a delta may hold (a collection with more unindexed rows is searched exactly).
+DELTA_MAX_ROWS = 100_000
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -37,22 +54,23 @@ RECENT_LOOKBACK = timedelta(seconds=30)
 @dataclass
 class _Delta:
     version: int | None
+    dim: int
     watermark: datetime
     rows: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
     _arrays: tuple[np.ndarray, np.ndarray] | None = None
 
-    def add(self, stamps: dict[int, int], items: list[Item]) -> None:
-        for item in items:
-            assert item.pk is not None
-            self.rows[item.pk] = (stamps[item.pk], item.vector)
-        if items:
+    def add(self, stamps: dict[int, int], pks: np.ndarray, vectors: np.ndarray) -> None:
+        for pk, vector in zip(pks.tolist(), vectors, strict=True):
+            self.rows[pk] = (stamps[pk], vector.copy())
+        if len(pks):
             self._arrays = None
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._arrays is None:
             pks = np.fromiter(self.rows, dtype=np.int64, count=len(self.rows))
             vectors = [v for _, v in self.rows.values()]
-            self._arrays = (pks, np.vstack(vectors) if vectors else np.zeros((0, 1), np.float32))
+            empty = np.zeros((0, self.dim), np.float32)
+            self._arrays = (pks, np.vstack(vectors) if vectors else empty)
         return self._arrays
 
 
@@ -73,8 +91,9 @@ class Searcher:
 
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
-        self.indexes = IndexCache(store, settings.data_dir)
-        self._deltas: dict[str, _Delta] = {}
+        kept = settings.search_collections_kept
+        self.indexes = IndexCache(store, settings.data_dir, keep=kept)
+        self._deltas: LRUCache[str, _Delta] = LRUCache(maxsize=kept)
         self._delta_lock = threading.Lock()
 
     def search(
@@ -90,27 +109,51 @@ class Searcher:
         parse_collection(collection)
         query = normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))
         if where:
-            allowed = self.store.filter_pks(collection, where)
-            if len(allowed) <= EXACT_FILTER_LIMIT:
-                return self._exact(query, collection, allowed, k, parents)
-        else:
-            allowed = None
+            hits = self._exact(query, collection, k, parents, where, EXACT_FILTER_LIMIT)
+            if hits is not None:
+                return hits
+        hits = self._approximate(query, collection, k, parents, where)
+        if hits is not None:
+            return hits
+        return self._exact(query, collection, k, parents, where, None) or []
+
+    def _approximate(
+        self,
+        query: np.ndarray,
+        collection: str,
+        k: int,
+        parents: bool,
+        where: dict[str, Any] | None,
+    ) -> list[Hit] | None:
+        """Over-fetch from index + delta until k hits pass; None past ``MAX_FETCH``."""
         fetch = k * 3 + 16 if not parents else k * 10 + 16
+        cap = max(MAX_FETCH, fetch)
+        loaded = self.indexes.get(collection)
+        delta = self._delta(collection, loaded, query.shape[1])
+        if delta is None:
+            return None
         while True:
-            candidates, exhausted = self._candidates(query, collection, fetch)
-            hits = self._hits(collection, candidates, allowed, k, parents)
+            candidates, exhausted = self._candidates(query, loaded, delta, fetch)
+            if where:
+                candidates = self._matching(collection, query.shape[1], candidates, where)
+            hits = self._hits(collection, candidates, k, parents)
             if len(hits) >= k or exhausted:
                 return hits
-            fetch *= 4
+            if fetch >= cap:
+                return None
+            fetch = min(fetch * 4, cap)
 
     def _candidates(
-        self, query: np.ndarray, collection: str, fetch: int
+        self,
+        query: np.ndarray,
+        loaded: LoadedIndex | None,
+        delta: tuple[np.ndarray, np.ndarray],
+        fetch: int,
     ) -> tuple[dict[int, float], bool]:
-        loaded = self.indexes.get(collection)
-        delta_pks, delta_vectors = self._delta(collection, loaded)
+        delta_pks, delta_vectors = delta
         scores: dict[int, float] = {}
         exhausted = True
-        if loaded is not None:
+        if loaded is not None and loaded.index.dim == query.shape[1]:
             labels, sims = loaded.index.query(query, fetch)
             fresh = set(delta_pks.tolist())
             scores = {
@@ -121,18 +164,21 @@ class Searcher:
             exhausted = labels.shape[1] >= len(loaded.index)
         labels, sims = exact_top_k(query, delta_vectors, delta_pks, fetch)
         scores.update({int(p): float(s) for p, s in zip(labels[0], sims[0], strict=True)})
-        return scores, exhausted
+        return scores, exhausted and len(delta_pks) <= fetch
 
-    def _delta(self, collection: str, loaded: LoadedIndex | None) -> tuple[np.ndarray, np.ndarray]:
+    def _delta(
+        self, collection: str, loaded: LoadedIndex | None, dim: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """Rows the index does not hold at their current version, kept up to date cheaply:
         after the first read, only rows stamped within ``RECENT_LOOKBACK`` of the previous
-        read are read again (hosts' clocks must agree to within that, e.g. by NTP)."""
+        read are read again (hosts' clocks must agree to within that, e.g. by NTP).
+        None when there are more than ``DELTA_MAX_ROWS`` (then the search is exact)."""
         version = loaded.version if loaded else None
         with self._delta_lock:
             delta = self._deltas.get(collection)
-            if delta is None or delta.version != version:
+            if delta is None or delta.version != version or delta.dim != dim:
                 start = loaded.built_at - DELTA_MARGIN if loaded else EPOCH
-                delta = self._deltas[collection] = _Delta(version, start)
+                delta = self._deltas[collection] = _Delta(version, dim, start)
             read_at = datetime.now(UTC)
             pks, stamps = self.store.stamps(collection, delta.watermark)
             keep = ~loaded.covers(pks, stamps) if loaded else np.ones(len(pks), dtype=bool)
@@ -141,39 +187,79 @@ class Searcher:
                 for p, s in zip(pks[keep], stamps[keep], strict=True)
                 if delta.rows.get(int(p), (None,))[0] != int(s)
             }
-            delta.add(changed, self.store.by_pk(collection, list(changed)) if changed else [])
+            if len(delta.rows) + len(changed) > DELTA_MAX_ROWS:
+                del self._deltas[collection]
+                log.warning("%s: over %d rows not in its index: exact", collection, DELTA_MAX_ROWS)
+                return None
+            for page_pks, vectors in self.store.vectors(collection, dim, among=list(changed)):
+                delta.add(changed, page_pks, vectors)
             # Next time read only what changed since shortly before this read.
             delta.watermark = max(delta.watermark, read_at - RECENT_LOOKBACK)
             return delta.arrays()
 
-    def _hits(
-        self,
-        collection: str,
-        scores: dict[int, float],
-        allowed: np.ndarray | None,
-        k: int,
-        parents: bool,
-    ) -> list[Hit]:
-        if allowed is not None:
-            keep = set(allowed.tolist())
-            scores = {p: s for p, s in scores.items() if p in keep}
+    def _matching(
+        self, collection: str, dim: int, candidates: dict[int, float], where: dict[str, Any]
+    ) -> dict[int, float]:
+        """The candidates that match ``where``, as the database evaluates it."""
+        keep: set[int] = set()
+        for pks, _ in self.store.vectors(collection, dim, where, among=list(candidates)):
+            keep.update(pks.tolist())
+        return {p: s for p, s in candidates.items() if p in keep}
+
+    def _hits(self, collection: str, scores: dict[int, float], k: int, parents: bool) -> list[Hit]:
+        """The best candidates read back from the store (a page of keys at a time)."""
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
-        items = {item.pk: item for item in self.store.by_pk(collection, [p for p, _ in ranked])}
-        hits = [_hit(items[p], s) for p, s in ranked if p in items]
+        hits: list[Hit] = []
+        for start in range(0, len(ranked), PAGE):
+            page = ranked[start : start + PAGE]
+            items = {i.pk: i for i in self.store.by_pk(collection, [p for p, _ in page])}
+            hits.extend(_hit(items[p], s) for p, s in page if p in items)
+            if len(_top(hits, k, parents)) >= k:
+                break
         return _top(hits, k, parents)
 
     def _exact(
-        self, query: np.ndarray, collection: str, allowed: np.ndarray, k: int, parents: bool
-    ) -> list[Hit]:
-        items = self.store.by_pk(collection, allowed)
-        if not items:
-            return []
-        vectors = np.vstack([item.vector for item in items])
-        sims = (normalize(vectors) @ query[0]).tolist()
-        hits = sorted(
-            (_hit(item, s) for item, s in zip(items, sims, strict=True)), key=lambda h: -h.score
-        )
-        return _top(hits, k, parents)
+        self,
+        query: np.ndarray,
+        collection: str,
+        k: int,
+        parents: bool,
+        where: dict[str, Any] | None,
+        limit: int | None,
+    ) -> list[Hit] | None:
+        """Exact search over the store; None if more than ``limit`` rows match."""
+        keep = k if not parents else k * 10 + 16
+        while True:
+            ranked = self._scan(query, collection, where, keep, limit)
+            if ranked is None:
+                return None
+            hits = self._hits(collection, ranked, k, parents)
+            if len(hits) >= k or len(ranked) < keep:
+                return hits
+            keep *= 4  # deleted meanwhile, or chunks of too few parents: look deeper
+
+    def _scan(
+        self,
+        query: np.ndarray,
+        collection: str,
+        where: dict[str, Any] | None,
+        keep: int,
+        limit: int | None,
+    ) -> dict[int, float] | None:
+        """The ``keep`` best (row key, score) of a streamed scan; None past ``limit`` rows."""
+        best_pks, best = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        seen = 0
+        with contextlib.closing(self.store.vectors(collection, query.shape[1], where)) as pages:
+            for pks, vectors in pages:
+                seen += len(pks)
+                if limit is not None and seen > limit:
+                    return None
+                best_pks = np.concatenate([best_pks, pks])
+                best = np.concatenate([best, normalize(vectors) @ query[0]])
+                if len(best) > keep:
+                    top = np.argpartition(-best, keep - 1)[:keep]
+                    best_pks, best = best_pks[top], best[top]
+        return dict(zip(best_pks.tolist(), best.tolist(), strict=True))
 
 
 def check_k(k: int) -> None:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -141,6 +141,19 @@ class ItemStore(ABC):
         """Row keys whose metadata equals every key/value of ``where``."""
 
     @abstractmethod
+    def vectors(
+        self,
+        collection: str,
+        dim: int,
+        where: dict[str, Any] | None = None,
+        among: Sequence[int] | None = None,
+        page: int = 1000,
+    ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
+        """Pages of at most ``page`` (row keys, vectors) of the ``dim``-wide rows of
+        ``collection`` matching ``where`` (only those among ``among``, if given). Memory is
+        bounded by ``page`` whatever the collection's size; text and metadata are not read."""
+
+    @abstractmethod
     def states(self) -> list[CollectionState]:
         """Count and latest update of every collection."""
 
@@ -153,8 +166,15 @@ class BlobStore(ABC):
     """Versioned binary blobs (published index files), readable by every host."""
 
     @abstractmethod
-    def put_blob(self, name: str, data: bytes, meta: dict[str, Any]) -> int:
-        """Publish ``data`` under ``name`` as a new version; returns the version."""
+    def put_blob(
+        self, name: str, data: bytes, meta: dict[str, Any], taken_at: datetime | None = None
+    ) -> int:
+        """Publish ``data`` under ``name`` as a new version; returns the version.
+
+        ``taken_at`` is when the data's source was read (kept in the metadata as
+        ``taken_at``): a version read no later than the published one's raises
+        :class:`~embedq.errors.StaleVersionError`, so versions only move forward.
+        """
 
     @abstractmethod
     def blob_version(self, name: str) -> tuple[int, dict[str, Any]] | None:

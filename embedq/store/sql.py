@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -32,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from embedq.errors import StoreError
+from embedq.errors import StaleVersionError, StoreError
 from embedq.settings import Settings, get_settings
 from embedq.store import migrations
 from embedq.store.base import (
@@ -367,8 +367,11 @@ class SQLStore(Store):
             rows = conn.execute(query.order_by(ItemRow.pk)).all()
         pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         stamps = np.fromiter((micros(r[1]) for r in rows), dtype=np.int64, count=len(rows))
-        blob = b"".join(r[2] for r in rows)
         dim = len(rows[0][2]) // 4 if rows else 0
+        if any(len(r[2]) != 4 * dim for r in rows):
+            widths = sorted({len(r[2]) // 4 for r in rows})
+            raise StoreError(f"collection {collection!r} mixes vector dimensions {widths}")
+        blob = b"".join(r[2] for r in rows)
         vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
         return Snapshot(pks, vectors, taken_at, stamps)
 
@@ -412,24 +415,71 @@ class SQLStore(Store):
         with self.engine.connect() as conn:
             return [CollectionState(c, int(n), _aware(t)) for c, n, t in conn.execute(query)]
 
+    def vectors(
+        self,
+        collection: str,
+        dim: int,
+        where: dict[str, Any] | None = None,
+        among: Sequence[int] | None = None,
+        page: int = ROWS_PER_STATEMENT,
+    ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
+        """Pages of (row keys, vectors) of the ``dim``-wide rows of ``collection`` that match
+        ``where``, among the keys ``among`` if given (IN lists of at most ``page`` keys), else
+        the whole collection streamed by the database; text and metadata are never read."""
+        query = select(ItemRow.pk, ItemRow.vector).where(
+            ItemRow.collection == collection, ItemRow.dim == dim
+        )
+        for key, value in (where or {}).items():
+            query = query.where(self._json_equals(key, value))
+        try:
+            with self.engine.connect() as conn:
+                if among is None:
+                    # A server-side cursor on Postgres: rows arrive ``page`` at a time.
+                    result = conn.execution_options(yield_per=page).execute(query)
+                    for rows in result.partitions():
+                        yield _vector_page(rows, dim)
+                    return
+                keys = [int(p) for p in among]
+                for start in range(0, len(keys), page):
+                    chunk = query.where(ItemRow.pk.in_(keys[start : start + page]))
+                    yield _vector_page(conn.execute(chunk).all(), dim)
+        # A generator runs after its caller returned: the decorator cannot translate here.
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not read vectors: {brief(exc)}") from exc
+
     @_store_errors("publish an index")
-    def put_blob(self, name: str, data: bytes, meta: dict[str, Any]) -> int:
-        """Write a new version in parts, then point the version row at it, in one transaction."""
+    def put_blob(
+        self, name: str, data: bytes, meta: dict[str, Any], taken_at: datetime | None = None
+    ) -> int:
+        """Write a new version in parts, then point the version row at it, in one transaction
+        that holds the version row's lock from its first statement."""
         with Session(self.engine) as session, session.begin():
-            current = session.get(BlobVersion, name, with_for_update=True)
-            version = (current.version if current else 0) + 1
+            current = self._locked_blob_row(session, name)
+            _check_forward(name, current, taken_at)
+            version = current.version + 1
             for part, start in enumerate(range(0, max(len(data), 1), BLOB_PART_BYTES)):
                 chunk = data[start : start + BLOB_PART_BYTES]
                 session.add(BlobPart(name=name, version=version, part=part, data=chunk))
-            session.merge(
-                BlobVersion(name=name, version=version, meta=meta, created_at=datetime.now(UTC))
-            )
+            stamp = {"taken_at": taken_at.isoformat()} if taken_at else {}
+            current.version, current.meta = version, meta | stamp
+            current.created_at = datetime.now(UTC)
             session.execute(
                 delete(BlobPart).where(
                     BlobPart.name == name, BlobPart.version <= version - BLOB_VERSIONS_KEPT
                 )
             )
         return version
+
+    def _locked_blob_row(self, session: Session, name: str) -> BlobVersion:
+        module = postgresql if self.dialect == "postgresql" else sqlite
+        placeholder = module.insert(BlobVersion).values(
+            name=name, version=0, metadata={}, created_at=datetime.now(UTC)
+        )
+        # Writing first takes SQLite's write lock and gives Postgres a row to lock, so two
+        # publishers of one name queue up instead of both reading the same version.
+        session.execute(placeholder.on_conflict_do_nothing(index_elements=["name"]))
+        query = select(BlobVersion).where(BlobVersion.name == name).with_for_update()
+        return session.scalars(query).one()
 
     @_store_errors("read an index version")
     def blob_version(self, name: str) -> tuple[int, dict[str, Any]] | None:
@@ -455,6 +505,22 @@ class SQLStore(Store):
     def close(self) -> None:
         """Dispose of the connection pool."""
         self.engine.dispose()
+
+
+def _vector_page(rows: Sequence[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    blob = b"".join(r[1] for r in rows)
+    return pks, np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
+
+
+def _check_forward(name: str, current: BlobVersion, taken_at: datetime | None) -> None:
+    published = (current.meta or {}).get("taken_at")
+    if taken_at is None or not published or taken_at > datetime.fromisoformat(published):
+        return
+    raise StaleVersionError(
+        f"{name}: read at {taken_at.isoformat()}, not after the published version "
+        f"{current.version} (read at {published}); not published"
+    )
 
 
 def micros(value: datetime) -> int:
