@@ -421,6 +421,7 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
     print(f"\nFIGURES full mid-ingest: waits {summary.get('redis_full_waits')}, {figures}")
     assert ingest.returncode == 0, (out + err)[-3000:]
     assert alive and "Unrecoverable error" not in text, text[-3000:]
+    assert "waits for room" in text, "the worker said why it waited"
     assert any("Redis is full" in a for a in full.alerts), full.alerts
     assert beats, "a live worker still beats while Redis is full (allow-oom heartbeat)"
     assert health.status_code == 503 and health.json()["status"] == "redis_full"
