@@ -7,6 +7,7 @@ Endpoints: ``POST /embed``, ``POST /v1/embeddings`` (OpenAI request/response sha
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -24,8 +25,15 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedq.broker.client import incr_with_ttl, shared_client
-from embedq.broker.results import get_result
+from embedq.broker.client import (
+    MemoryWatch,
+    describe,
+    incr_with_ttl,
+    is_redis_full,
+    shared_client,
+    wait_while_full,
+)
+from embedq.broker.results import get_and_forget
 from embedq.encode.models import load_tokenizer
 from embedq.errors import (
     BrokerUnavailableError,
@@ -60,6 +68,7 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (UnknownModelError, 404),
     (BrokerUnavailableError, 503),
     (redis.ConnectionError, 503),
+    (redis.exceptions.OutOfMemoryError, 503),
     (CeleryTimeout, 504),
     (EmbedqError, 502),
 ]
@@ -172,7 +181,12 @@ class Service:
     def limit_rate(self, key_id: str) -> None:
         """Count this request against the key's per-minute budget; 429 when spent."""
         now = time.time()
-        count = incr_with_ttl(shared_client(), rate_key(key_id, int(now // 60)), 120)
+        try:
+            count = incr_with_ttl(shared_client(), rate_key(key_id, int(now // 60)), 120, 0)
+        except redis.ResponseError as exc:
+            if not is_redis_full(exc):
+                raise
+            return  # a full Redis cannot count; the request itself will say it is full
         if count > self.settings.api_rate_limit_per_min:
             retry = str(int(60 - now % 60) + 1)
             message = (
@@ -199,6 +213,11 @@ class Service:
                 "TextTooLong",
             )
 
+    @functools.cached_property
+    def memory(self) -> MemoryWatch:
+        """The broker's Redis memory, read at most every few seconds (``/health``)."""
+        return MemoryWatch(shared_client())
+
     def require_worker(self) -> list[dict[str, Any]]:
         """Live workers, or 503 (a task would only wait in the queue)."""
         workers = [w for beats in read_workers(shared_client()).values() for w in beats]
@@ -213,9 +232,16 @@ class Service:
         self.check_texts(texts)
         self.require_worker()
         options = {"queue": queue} if queue else {}
-        result = embed_texts.apply_async((texts, model, normalize), **options)
+        timeout_s = self.settings.api_timeout_s
+        send = functools.partial(embed_texts.apply_async, (texts, model, normalize), **options)
         try:
-            return get_result(result, self.settings.api_timeout_s)
+            result = wait_while_full(send, "the API", time.monotonic() + timeout_s)
+        except Exception as exc:
+            if is_redis_full(exc):
+                raise ApiError(503, f"{describe(exc)}: try again later", "RedisFull") from exc
+            raise
+        try:
+            return get_and_forget(result, timeout_s)
         except CeleryTimeout as exc:
             raise ApiError(
                 504,
@@ -300,12 +326,22 @@ def search(body: SearchBody, service: ServiceDep) -> dict[str, Any]:
 
 @router.get("/health")
 def health(service: ServiceDep) -> JSONResponse:
-    """200 when a worker is alive (ready), else 503."""
+    """200 when a worker is alive and Redis takes writes (ready), else 503 saying why;
+    ``redis`` details the broker's memory (used, maxmemory, policy, full)."""
     try:
         workers = service.require_worker()
     except ApiError as exc:
         return _error(exc.status, exc.message, exc.kind)
-    return JSONResponse({"status": "ready", "workers": len(workers)})
+    state = service.memory.state()
+    body: dict[str, Any] = {"status": "ready", "workers": len(workers)}
+    body["redis"] = state.as_dict() if state else None
+    if state is not None and state.full:
+        body["status"] = "redis_full"
+        body["message"] = (
+            "Redis is full (maxmemory, noeviction): requests wait for room; see `embedq status`"
+        )
+        return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 @router.get("/metadata", dependencies=[Authorized])

@@ -13,6 +13,7 @@ from celery import Celery
 from kombu import Queue
 
 from embedq import codec
+from embedq.broker.results import register_backend
 from embedq.broker.tls import connection_tls
 from embedq.broker.transport import register_transport
 from embedq.broker.url import redis_url
@@ -22,6 +23,7 @@ PUBLISH_RETRY = {"max_retries": 15, "interval_start": 0.2, "interval_step": 0.5,
 
 codec.register_serializer()
 register_transport()
+register_backend()
 
 app = Celery("embedq", include=["embedq.tasks", "embedq.worker.signals"])
 

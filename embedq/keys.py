@@ -8,6 +8,10 @@ PREFIX = "embedq"
 VECTOR_PREFIX = f"{PREFIX}:vec"
 STATS_PREFIX = f"{PREFIX}:stats"
 HEARTBEAT_PREFIX = f"{PREFIX}:hb"
+# The heartbeat registry: one hash of "queue:hostname" -> payload, and one sorted set of the
+# same members scored by when each heartbeat expires (Redis server time, seconds).
+HEARTBEATS_KEY = f"{HEARTBEAT_PREFIX}:payloads"
+HEARTBEAT_EXPIRY_KEY = f"{HEARTBEAT_PREFIX}:expiry"
 SLO_PREFIX = f"{STATS_PREFIX}:slo"
 ALIVE_PREFIX = f"{STATS_PREFIX}:alive"
 RATE_PREFIX = f"{PREFIX}:rate"
@@ -32,9 +36,15 @@ def stats_key(name: str) -> str:
     return f"{STATS_PREFIX}:{name}"
 
 
-def heartbeat_key(queue: str, hostname: str) -> str:
-    """Short-lived key a live worker of ``queue`` refreshes."""
-    return f"{HEARTBEAT_PREFIX}:{queue}:{hostname}"
+def heartbeat_member(queue: str, hostname: str) -> str:
+    """A worker's field in the heartbeat registry (:data:`HEARTBEATS_KEY`)."""
+    return f"{queue}:{hostname}"
+
+
+def heartbeat_owner(member: str) -> tuple[str, str]:
+    """(queue, hostname) of a registry member; queue names hold no colon."""
+    queue, _, hostname = member.partition(":")
+    return queue, hostname
 
 
 def slo_key(minute: int) -> str:

@@ -85,6 +85,18 @@ class Settings(BaseSettings):
     )
     cache_ttl_s: int = Field(7 * 24 * 3600, description="Lifetime of a cached vector in Redis.")
     lru_items: int = Field(50_000, description="Vectors kept in each worker's in-process cache.")
+    cache_url: str | None = Field(
+        None,
+        description="Redis of the vector cache (give it allkeys-lru and a maxmemory); "
+        "unset: the broker's Redis.",
+    )
+    cache_max_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Cache on the broker's Redis: no vector is written while that Redis "
+        "uses more than this share of its maxmemory (queued tasks keep the rest).",
+    )
     worker_concurrency: int = Field(
         32, description="Tasks a worker runs at once (threads feeding one batcher)."
     )

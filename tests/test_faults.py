@@ -29,6 +29,7 @@ from embedq import codec
 from embedq.broker.client import connect
 from embedq.errors import StoreError
 from embedq.keys import DELIVERY_PREFIX, content_hash
+from embedq.ops.heartbeat import read_heartbeats
 from embedq.search.build import blob_name as index_blob
 from embedq.search.build import build_index, index_dir, rebuild_changed
 from embedq.search.loader import IndexCache
@@ -288,7 +289,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def _wait_for_heartbeats(url: str, count: int, timeout_s: float = 240) -> None:
     client = connect(url)
     deadline = time.monotonic() + timeout_s
-    while len(list(client.scan_iter("embedq:hb:cpu:*"))) < count:
+    while len(read_heartbeats(client).get("cpu", [])) < count:
         assert time.monotonic() < deadline, "the workers did not come up"
         time.sleep(0.5)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from embedq.broker.client import connect
+from embedq.ops.heartbeat import read_heartbeats
 from embedq.store.factory import create_store
 from tests.conftest import ROOT, load_pydoc
 
@@ -111,7 +112,7 @@ def test_worker_commands_embed_and_store(cmd, database, request, tmp_path, redis
         result = run_client(
             env, texts=["alpha", "beta", "gamma"], collection=collection, ids=["a", "b", "c"]
         )
-        beats = list(connect(redis_url).scan_iter("embedq:hb:cpu:*"))
+        beats = read_heartbeats(connect(redis_url)).get("cpu", [])
     output = proc.stdout.read() if proc.stdout else ""
     assert proc.returncode == 0, output[-3000:]
     assert len(beats) == 1, "a live worker publishes one heartbeat for its queue"
@@ -127,6 +128,7 @@ def test_unanswered_default_falls_back_to_embedded_redis(tmp_path):
     code = textwrap.dedent(
         """
         from embedq.broker.client import connect
+from embedq.ops.heartbeat import read_heartbeats
         from embedq.broker.url import redis_url
         url = redis_url(default="redis://127.0.0.1:1/0")
         print(url, connect(url).ping())

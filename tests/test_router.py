@@ -7,8 +7,8 @@ import time
 import pytest
 
 from embedq.broker.client import client_url
-from embedq.keys import heartbeat_key
-from embedq.ops.heartbeat import TTL_S, Heartbeat
+from embedq.keys import HEARTBEAT_EXPIRY_KEY, heartbeat_member
+from embedq.ops.heartbeat import TTL_S, Heartbeat, read_heartbeats
 from embedq.producer import router
 from embedq.producer.router import QueueState, decide, read_states
 from embedq.tasks import embed_texts
@@ -50,7 +50,8 @@ def other_db(redis_client):
 def test_heartbeats_drive_the_choice(other_db, runtime):
     cpu = Heartbeat(other_db, ["cpu"], "cpu@host", runtime.encoder, lambda: 0)
     cpu.beat()
-    assert other_db.ttl(heartbeat_key("cpu", "cpu@host")) <= TTL_S
+    expires = other_db.zscore(HEARTBEAT_EXPIRY_KEY, heartbeat_member("cpu", "cpu@host"))
+    assert 0 < expires - float(other_db.time()[0]) <= TTL_S + 1
     assert decide(1000, read_states(other_db)) == ("cpu", "no_gpu_worker")
 
     encoded = iter([0, 6000])
@@ -66,9 +67,7 @@ def test_heartbeats_drive_the_choice(other_db, runtime):
 
 def test_tasks_are_routed_and_counted(celery_worker, redis_client):
     deadline = time.monotonic() + 10
-    while (
-        not list(redis_client.scan_iter(heartbeat_key("gpu", "*"))) and time.monotonic() < deadline
-    ):
+    while not read_heartbeats(redis_client).get("gpu") and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(router.CACHE_S)  # let the router read the fresh heartbeats
     before = dict(router.decisions)

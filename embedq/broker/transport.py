@@ -1,15 +1,54 @@
-"""kombu's Redis transport with one fix: a closed channel fails as a connection error."""
+"""kombu's Redis transport with two fixes: a closed channel fails as a connection error,
+and a full Redis (maxmemory, noeviction) is waited out instead of killing the worker."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+from embedq.broker.client import describe, is_redis_full, throttled_warning, wait_while_full
+
+log = logging.getLogger(__name__)
+
+
+class _QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        # The message is already popped from its queue: if a full Redis refuses its unacked
+        # entry, kombu raises and Celery stops the worker ("Unrecoverable error:
+        # OutOfMemoryError"), losing it. Hold on to it and retry until there is room.
+        append = super().append
+        wait_while_full(lambda: append(message, delivery_tag), "a worker taking a task")
+
+    def ack(self, delivery_tag: Any) -> None:
+        # kombu acks in MULTI/EXEC, and a full Redis refuses every command queued in MULTI,
+        # even deletions: acks would fail exactly when freeing memory matters. The same two
+        # deletions as a plain pipeline go through (and free the message's unacked entry).
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.zrem(self.unacked_index_key, delivery_tag)
+            pipe.hdel(self.unacked_key, delivery_tag)
+            pipe.execute()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        # A periodic chore: a full Redis only skips this round.
+        try:
+            return super().restore_visible(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if not is_redis_full(exc):
+                raise
+            throttled_warning(log, "restore-visible", "restoring unacked tasks: %s", describe(exc))
+            return None
 
 
 class _RedisChannel(kombu_redis.Channel):
+    QoS = _QoS
+
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # A task that outlived a Redis restart acks on its old channel, whose connection
         # Celery has already closed (kombu then fails with AttributeError, which stops the

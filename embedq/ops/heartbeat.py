@@ -1,4 +1,12 @@
-"""Worker heartbeats: a short-lived Redis key per queue saying "alive, this fast"."""
+"""Worker heartbeats: one registry in Redis saying "alive, this fast" per worker and queue.
+
+The registry is two keys (see :mod:`embedq.keys`): a hash of ``queue:hostname`` -> payload
+and a sorted set of the same members scored by when each heartbeat expires, in Redis server
+time (so hosts' clocks need not agree). Readers take the members scored after "now": one
+ZRANGEBYSCORE and a HGET per live worker in one Lua call, whatever else the database
+holds (no keyspace scan).
+Heartbeats expired for more than ``PRUNE_AFTER_S`` are removed by the next live beat.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from embedq.keys import HEARTBEAT_PREFIX, heartbeat_key
+from embedq.broker.client import describe, is_redis_full, throttled_warning
+from embedq.keys import HEARTBEAT_EXPIRY_KEY, HEARTBEATS_KEY, heartbeat_member, heartbeat_owner
 from embedq.ops import slo
 
 if TYPE_CHECKING:
@@ -24,16 +33,88 @@ INTERVAL_S = 2.0
 TTL_S = 10
 # Alive marks outlive the longest SLO window anyone is likely to set.
 ALIVE_TTL_S = 8 * 24 * 3600
+# Expired heartbeats stay readable this long (read_expired_heartbeats), then go.
+PRUNE_AFTER_S = 3600
+# Both registry keys vanish a day after the last beat of any worker.
+REGISTRY_TTL_S = 24 * 3600
+
+_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+
+# KEYS: payloads, expiry. ARGV: ttl, prune_after, registry ttl, then member, payload pairs.
+BEAT_LUA = (
+    _NOW
+    + """
+local bound = now - tonumber(ARGV[2])
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', bound)) do
+  redis.call('HDEL', KEYS[1], member)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', bound)
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+)
+# Redis 7 runs a script flagged allow-oom even when full: a heartbeat overwrites its own
+# few hundred bytes, and a full Redis must not make every live worker look dead.
+BEAT_LUA_ALLOW_OOM = "#!lua flags=allow-oom\n" + BEAT_LUA
+
+# KEYS: payloads, expiry. ARGV[1]: "alive" or "expired". Returns member, payload pairs.
+READ_LUA = (
+    _NOW
+    + """
+local members
+if ARGV[1] == 'alive' then
+  members = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
+else
+  members = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
+end
+local out = {}
+for _, member in ipairs(members) do
+  out[#out + 1] = member
+  out[#out + 1] = redis.call('HGET', KEYS[1], member)
+end
+return out
+"""
+)
+
+
+def _read(client: redis.Redis, which: str) -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    script = client.register_script(READ_LUA)
+    flat = script(keys=[HEARTBEATS_KEY, HEARTBEAT_EXPIRY_KEY], args=[which])
+    for member, raw in zip(flat[::2], flat[1::2], strict=True):
+        if raw:
+            queue, _ = heartbeat_owner(member.decode() if isinstance(member, bytes) else member)
+            found.setdefault(queue, []).append(json.loads(raw))
+    for beats in found.values():
+        beats.sort(key=lambda beat: str(beat.get("hostname")))
+    return found
 
 
 def read_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
     """Live workers' heartbeats, by queue (the router, status and the API read them)."""
-    found: dict[str, list[dict[str, Any]]] = {}
-    keys = sorted(client.scan_iter(f"{HEARTBEAT_PREFIX}:*", count=1000))
-    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
-        if raw:
-            found.setdefault(key.decode().split(":")[2], []).append(json.loads(raw))
-    return found
+    return _read(client, "alive")
+
+
+def read_expired_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
+    """Heartbeats that stopped within the last ``PRUNE_AFTER_S`` (workers presumed dead)."""
+    return _read(client, "expired")
+
+
+def live_hostnames(client: redis.Redis) -> set[str]:
+    """Hostnames of the workers whose heartbeat is current, on any queue."""
+    return {beat["hostname"] for beats in read_heartbeats(client).values() for beat in beats}
+
+
+def _server_major(client: redis.Redis) -> int:
+    try:
+        return int(str(client.info("server").get("redis_version", "0")).split(".")[0])
+    except (redis.RedisError, ValueError):
+        return 0
 
 
 class Heartbeat:
@@ -66,6 +147,9 @@ class Heartbeat:
         self.live = live or dict
         self.texts_per_s: float | None = None
         self._last = (time.monotonic(), texts_encoded())
+        # Scripts with flags need Redis 7; older servers get the plain one.
+        lua = BEAT_LUA_ALLOW_OOM if _server_major(client) >= 7 else BEAT_LUA
+        self._beat_script = client.register_script(lua)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedq-heartbeat", daemon=True)
 
@@ -75,17 +159,21 @@ class Heartbeat:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop beating and remove this worker's keys."""
+        """Stop beating and remove this worker from the registry."""
         self._stop.set()
+        members = [heartbeat_member(q, self.hostname) for q in self.queues]
         with contextlib.suppress(redis.RedisError):
-            self.client.delete(*(heartbeat_key(q, self.hostname) for q in self.queues))
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hdel(HEARTBEATS_KEY, *members)
+            pipe.zrem(HEARTBEAT_EXPIRY_KEY, *members)
+            pipe.execute()
 
     def _run(self) -> None:
         while not self._stop.wait(INTERVAL_S):
             try:
                 self.beat()
             except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
+                throttled_warning(log, "heartbeat", "heartbeat failed: %s", describe(exc))
 
     def beat(self) -> None:
         """Measure throughput since the last beat and publish it."""
@@ -108,8 +196,21 @@ class Heartbeat:
                 **self.live(),
             }
         )
-        pipe = self.client.pipeline(transaction=False)
+        self.publish(payload)
+
+    def publish(self, payload: str, pipeline: redis.client.Pipeline | None = None) -> None:
+        """Write ``payload`` for each queue into the registry, and mark this minute alive."""
+        args: list[Any] = [TTL_S, PRUNE_AFTER_S, REGISTRY_TTL_S]
         for queue in self.queues:
-            pipe.set(heartbeat_key(queue, self.hostname), payload, ex=TTL_S)
+            args += [heartbeat_member(queue, self.hostname), payload]
+        pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
+        self._beat_script(keys=[HEARTBEATS_KEY, HEARTBEAT_EXPIRY_KEY], args=args, client=pipe)
         slo.mark_alive(self.client, ALIVE_TTL_S, pipeline=pipe)
-        pipe.execute()
+        if pipeline is not None:
+            return
+        beat, alive = pipe.execute(raise_on_error=False)
+        if isinstance(beat, Exception):
+            raise beat
+        # A full Redis refuses the alive mark; the SLO then counts that minute as down.
+        if isinstance(alive, Exception) and not is_redis_full(alive):
+            raise alive

@@ -56,6 +56,20 @@ TASK_SECONDS = Histogram(
 CACHE = Counter("embedq_cache_lookups", "Cache lookups by outcome", ["outcome"])
 TRUNCATED = Counter("embedq_truncated_inputs", "Texts cut to the model's max tokens")
 ERRORS = Counter("embedq_errors", "Failed tasks by error kind", ["kind"])
+CACHE_ERRORS = Counter(
+    "embedq_cache_errors",
+    "Cache reads or writes that failed (OOM, connection loss) and counted as misses",
+    ["op"],
+)
+CACHE_WRITES_SKIPPED = Counter(
+    "embedq_cache_writes_skipped",
+    "Vectors not written to a cache that shares the broker's Redis: over EMBEDQ_CACHE_MAX_SHARE",
+)
+REDIS_FULL_WAITS = Counter(
+    "embedq_redis_full_waits",
+    "Writes refused by a full Redis (maxmemory, noeviction) and retried after a wait",
+    ["where"],
+)
 SPLITS = Counter("embedq_batch_splits", "Batches split after a failure (e.g. OOM)")
 BATCH_BUDGET = Gauge(
     "embedq_batch_budget_tokens",
@@ -86,6 +100,15 @@ class RedisCollector(Collector):
         for queue in QUEUES:
             depth.add_metric([queue], int(self.client.llen(queue)))
         yield depth
+        info = self.client.info("memory")
+        yield GaugeMetricFamily(
+            "embedq_redis_used_bytes", "Memory the broker's Redis uses", int(info["used_memory"])
+        )
+        yield GaugeMetricFamily(
+            "embedq_redis_maxmemory_bytes",
+            "The broker's Redis memory cap (0: none)",
+            int(info.get("maxmemory", 0)),
+        )
 
     def _router(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from embedq.broker.client import check_eviction_policy
+from embedq.broker.client import FULL_SHARE, check_eviction_policy, read_memory
 from embedq.errors import StoreError
 from embedq.ops.heartbeat import read_heartbeats
 from embedq.ops.slo import evaluate, read_usage
@@ -19,6 +19,8 @@ from embedq.store.base import Store
 # An index more than two rebuild intervals (and at least this many seconds) behind its
 # collection's last write is reported as stale.
 STALE_INDEX_MIN_S = 2
+# The broker's Redis this full (share of maxmemory) is worth a warning before it refuses.
+NEARLY_FULL_SHARE = 0.9
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Report:
     slos: list[dict[str, Any]]
     indexes: list[dict[str, Any]]
     alerts: list[str] = field(default_factory=list)
+    #: The broker's Redis memory (see :class:`embedq.broker.client.MemoryState`).
+    redis: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -67,6 +71,14 @@ def read_indexes(store: Store, settings: Settings) -> list[dict[str, Any]]:
     return out
 
 
+def read_redis(client: redis.Redis) -> dict[str, Any]:
+    """The broker's Redis memory: used, maxmemory, policy, full ({} if INFO is refused)."""
+    try:
+        return read_memory(client).as_dict()
+    except redis.ResponseError:
+        return {}
+
+
 def build_report(client: redis.Redis, store: Store | None, settings: Settings) -> Report:
     """Read heartbeats, queues, counters and the store into one report with alerts."""
     workers = read_workers(client)
@@ -89,6 +101,7 @@ def build_report(client: redis.Redis, store: Store | None, settings: Settings) -
         cache_hit_rate=round(usage.cache_hits / lookups, 4) if lookups else None,
         slos=slos,
         indexes=indexes,
+        redis=read_redis(client),
     )
     report.alerts = alerts(report, settings, store_error)
     if warning := check_eviction_policy(client):
@@ -127,7 +140,27 @@ def alerts(report: Report, settings: Settings, store_error: str | None = None) -
             )
     if store_error:
         out.append(f"the store did not answer: {store_error}")
-    return out
+    return out + memory_alerts(report.redis)
+
+
+def memory_alerts(memory: dict[str, Any]) -> list[str]:
+    """A full (or nearly full) broker Redis, in words, with what to do."""
+    share = memory.get("share")
+    if share is None or memory.get("policy") != "noeviction":
+        return []
+    used = f"{memory['used_mb']} of {memory['maxmemory_mb']} MB"
+    remedy = (
+        "raise its maxmemory, or give the vector cache its own Redis (EMBEDQ_CACHE_URL) "
+        "or a smaller share of this one (EMBEDQ_CACHE_MAX_SHARE)"
+    )
+    if share >= FULL_SHARE:
+        return [
+            f"Redis is full ({used}, noeviction): it refuses writes, so workers and producers "
+            f"wait and retry (nothing is lost, nothing moves); {remedy}"
+        ]
+    if share >= NEARLY_FULL_SHARE:
+        return [f"Redis is {share:.0%} full ({used}): at 100% it refuses writes; {remedy}"]
+    return []
 
 
 def render(report: Report) -> str:
@@ -142,6 +175,9 @@ def render(report: Report) -> str:
             lines.append(f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}")
     depths = ", ".join(f"{q} {d}" for q, d in report.queue_depths.items())
     lines.append(f"queues: {depths}")
+    if memory := report.redis:
+        cap = f"of {memory['maxmemory_mb']} MB" if memory.get("maxmemory_mb") else "(no maxmemory)"
+        lines.append(f"redis: {memory['used_mb']} MB {cap}, {memory['policy']}")
     lines.append(
         f"last minute: {report.requests_last_minute} requests, {report.texts_last_minute} texts"
     )

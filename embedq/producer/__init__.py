@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from embedq.broker.results import get_result
+from embedq.broker.client import wait_while_full
+from embedq.broker.results import forgetting, get_result
 from embedq.codec import Embeddings
 from embedq.settings import get_settings
 
@@ -26,18 +29,22 @@ def embed(
 ) -> Embeddings:
     """Embed any number of texts: split into tasks of at most ``max_texts_per_task``, wait.
 
-    Returns one array in input order; ``truncated`` positions refer to ``texts``.
+    Returns one array in input order; ``truncated`` positions refer to ``texts``. A full
+    Redis is waited out within ``timeout_s``; results are forgotten once read.
     """
     from embedq.tasks import embed_texts
 
     size = get_settings().max_texts_per_task
     options = {"queue": queue} if queue else {}
     kwargs = {"model": model, "normalize": normalize, "collection": collection}
-    pending = [
-        embed_texts.apply_async((list(texts[i : i + size]),), kwargs, **options)
-        for i in range(0, max(len(texts), 1), size)
-    ]
-    parts = [get_result(result, timeout_s) for result in pending]
+    deadline = time.monotonic() + timeout_s
+    pending: list[Any] = []
+    with forgetting(pending):
+        for i in range(0, max(len(texts), 1), size):
+            args = (list(texts[i : i + size]),)
+            send = functools.partial(embed_texts.apply_async, args, kwargs, **options)
+            pending.append(wait_while_full(send, "embed", deadline))
+        parts = [get_result(result, timeout_s, deadline) for result in pending]
     truncated = [i * size + j for i, part in enumerate(parts) for j in part.truncated]
     return Embeddings(np.concatenate(parts) if parts else np.zeros((0, 0)), truncated)
 

@@ -15,8 +15,14 @@ from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from embedq.broker.client import BROKER_ERRORS
-from embedq.broker.results import get_result
+from embedq.broker.client import (
+    BROKER_ERRORS,
+    MemoryWatch,
+    shared_client,
+    throttled_warning,
+    wait_while_full,
+)
+from embedq.broker.results import get_and_forget
 from embedq.errors import InvalidInputError
 from embedq.inputs import parse_documents
 from embedq.producer.chunker import chunk_spans
@@ -27,6 +33,8 @@ from embedq.store.base import now_version
 log = logging.getLogger(__name__)
 
 MAX_FAILURES_KEPT = 50
+# While waiting for results, Redis's memory is read at most this often (INFO memory, cheap).
+MEMORY_CHECK_S = 5.0
 
 
 @dataclass
@@ -45,6 +53,10 @@ class IngestSummary:
     interrupted: bool = False
     error: str | None = None
     wall_s: float = 0.0
+    #: Why the run is waiting right now (a full Redis), for the progress line; else None.
+    waiting: str | None = None
+    #: Times a full Redis made the run (or the workers it waits for) wait.
+    redis_full_waits: int = 0
 
     def add(self, counts: dict[str, int]) -> None:
         """Add the counts one task returned."""
@@ -210,7 +222,11 @@ class Sent:
 
 
 class InFlight:
-    """The tasks sent and not yet settled, oldest first."""
+    """The tasks sent and not yet settled, oldest first.
+
+    A full Redis (maxmemory, noeviction) is waited out, never a failure: publishing retries
+    with backoff, and while a result is awaited Redis's memory is checked every few seconds.
+    Either way ``summary.waiting`` says why nothing moves, and ``on_progress`` shows it."""
 
     def __init__(
         self,
@@ -220,17 +236,38 @@ class InFlight:
     ) -> None:
         self.summary, self.timeout_s, self.on_progress = summary, timeout_s, on_progress
         self.pending: deque[Sent] = deque()
+        self.memory = MemoryWatch(shared_client(), MEMORY_CHECK_S)
 
     def send(self, sent: Sent) -> None:
-        """Queue ``sent`` as a task and keep it in flight."""
-        sent.result = _publish(sent)
+        """Queue ``sent`` as a task (waiting while Redis is full) and keep it in flight."""
+        sent.result = wait_while_full(lambda: _publish(sent), "ingest", on_wait=self._waiting)
+        self._waiting(None)
         self.pending.append(sent)
+
+    def _waiting(self, why: str | None) -> None:
+        if why is not None:
+            self.summary.redis_full_waits += 1
+        if why != self.summary.waiting:
+            self.summary.waiting = why
+            if self.on_progress:
+                self.on_progress(self.summary, 0)
+
+    def _check_memory(self) -> None:
+        state = self.memory.state()
+        if state is None or not state.full:
+            self._waiting(None)
+            return
+        used = state.as_dict()
+        why = f"Redis is full ({used['used_mb']} of {used['maxmemory_mb']} MB): workers wait"
+        throttled_warning(log, "ingest-full", "%s for room; nothing is lost", why)
+        self._waiting(why)
 
     def settle_oldest(self, deadline: float | None = None) -> None:
         """Wait for the oldest task; a broker outage meanwhile is waited out, not a failure."""
         sent = self.pending.popleft()
         try:
-            self.summary.add(get_result(sent.result, self.timeout_s, deadline))
+            counts = get_and_forget(sent.result, self.timeout_s, deadline, self._check_memory)
+            self.summary.add(counts)
         except CeleryTimeout as exc:
             if sent.resent or deadline is not None or not self._resend(sent):
                 self.summary.fail(f"task {sent.result.id}", f"TimeoutError: {exc}", sent.texts)
@@ -248,7 +285,7 @@ class InFlight:
         waited = f"{self.timeout_s:.0f} s"
         log.warning("task %s: no answer in %s, sending it again", sent.result.id, waited)
         try:
-            sent.result = _publish(sent)
+            sent.result = wait_while_full(lambda: _publish(sent), "ingest", on_wait=self._waiting)
         except BROKER_ERRORS:
             return False
         sent.resent = True

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from cachetools import LRUCache
 
-from embedq.broker.results import get_result
+from embedq.broker.results import get_and_forget
 from embedq.errors import InvalidInputError
 from embedq.inputs import parse_collection
 from embedq.search.base import normalize
@@ -301,7 +301,7 @@ def embed_query(text: str, timeout_s: float = 60.0) -> np.ndarray:
 
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("the query must be a non-empty string")
-    return np.asarray(get_result(embed_texts.delay([text]), timeout_s))[0]
+    return np.asarray(get_and_forget(embed_texts.delay([text]), timeout_s))[0]
 
 
 def search(

@@ -54,7 +54,7 @@ def _print_matrix(console: Console, vectors: np.ndarray) -> None:
 
 def main() -> int:
     """Run the demo; returns a process exit code."""
-    from embedq.broker.results import get_result
+    from embedq.broker.results import get_and_forget
     from embedq.broker.url import redis_url
     from embedq.tasks import embed_texts
 
@@ -64,7 +64,7 @@ def main() -> int:
     worker = _start_worker(url)
     try:
         start = time.perf_counter()
-        vectors = get_result(embed_texts.delay(TEXTS, collection="demo"), 180)
+        vectors = get_and_forget(embed_texts.delay(TEXTS, collection="demo"), 180)
         console.print(
             f"{len(TEXTS)} texts -> {vectors.shape[0]} vectors of {vectors.shape[1]} float32 "
             f"in {time.perf_counter() - start:.1f}s (includes the worker's model load)"

@@ -1,9 +1,17 @@
-"""The ``Cache`` seam: content-hash vector cache, in-process LRU in front of Redis."""
+"""The ``Cache`` seam: content-hash vector cache, in-process LRU in front of Redis.
+
+The cache is an optimisation only: any failure of its Redis (out of memory, connection
+lost) is a miss, logged at most once a minute and counted in ``embedq_cache_errors``.
+When it shares the broker's Redis it stops writing past ``max_share`` of ``maxmemory``,
+so vectors can never crowd out queued tasks and results.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +20,14 @@ import numpy as np
 import redis
 from cachetools import LRUCache
 
+from embedq.broker.client import MemoryWatch, describe, throttled_warning
+from embedq.ops import metrics
+
 log = logging.getLogger(__name__)
+
+# After a failure the cache's Redis is left alone this long (LRU only): an outage costs one
+# slow call per pause, not one per batch.
+PAUSE_S = 5.0
 
 _TRUNCATED = b"\x01"
 _WHOLE = b"\x00"
@@ -36,6 +51,7 @@ class CacheStats:
     redis_hits: int = 0
     misses: int = 0
     errors: int = 0
+    skipped_writes: int = 0
 
 
 class Cache(ABC):
@@ -56,14 +72,26 @@ class RedisCache(Cache):
     """A worker-local LRU in front of Redis: one MGET per lookup, one pipeline per fill.
 
     Redis trouble degrades to misses (logged and counted); it never fails a request.
+    ``max_share`` (for a cache on the broker's Redis): no writes while Redis uses more than
+    this share of its ``maxmemory``, read from ``INFO memory`` at most every ``check_s``.
     """
 
-    def __init__(self, client: redis.Redis, ttl_s: int, lru_items: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_s: int,
+        lru_items: int,
+        max_share: float | None = None,
+        check_s: float = 5.0,
+    ) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.lru: LRUCache[str, bytes] = LRUCache(maxsize=max(1, lru_items))
         self.stats = CacheStats()
+        self.max_share = max_share
+        self.memory = MemoryWatch(client, check_s) if max_share is not None else None
         self._lock = threading.Lock()
+        self._paused_until = -math.inf
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """LRU first; the rest in one MGET; Redis hits warm the LRU."""
@@ -86,28 +114,59 @@ class RedisCache(Cache):
     def set_many(
         self, items: Mapping[str, bytes], pipeline: redis.client.Pipeline | None = None
     ) -> None:
-        """Fill the LRU and Redis (SET with TTL for each key, pipelined)."""
+        """Fill the LRU and Redis (SET with TTL for each key, pipelined), room permitting."""
         if not items:
             return
         with self._lock:
             self.lru.update(items)
+        if self._paused() or not self._has_room(len(items)):
+            return
         pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
         for key, value in items.items():
             pipe.set(key, value, ex=self.ttl_s)
         if pipeline is None:
             self._execute(pipe)
 
+    def _paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
+    def _has_room(self, count: int) -> bool:
+        state = self.memory.state() if self.memory is not None else None
+        share = state.share if state is not None else None
+        if share is None or self.max_share is None or share < self.max_share:
+            return True
+        self.stats.skipped_writes += count
+        metrics.CACHE_WRITES_SKIPPED.inc(count)
+        throttled_warning(
+            log,
+            "cache-share",
+            "cache writes paused: the broker's Redis is at %.0f%% of maxmemory, over "
+            "EMBEDQ_CACHE_MAX_SHARE=%s (give the cache its own Redis: EMBEDQ_CACHE_URL)",
+            share * 100,
+            self.max_share,
+        )
+        return False
+
+    def _failed(self, op: str, exc: redis.RedisError) -> None:
+        self.stats.errors += 1
+        metrics.CACHE_ERRORS.labels(op).inc()
+        self._paused_until = time.monotonic() + PAUSE_S
+        what = "lookup failed, encoding instead" if op == "read" else "fill failed"
+        throttled_warning(
+            log, f"cache-{op}", "cache %s (a miss, not an error): %s", what, describe(exc)
+        )
+
     def _mget(self, keys: list[str]) -> list[bytes | None]:
+        if self._paused():
+            return [None] * len(keys)
         try:
             return list(self.client.mget(keys))
         except redis.RedisError as exc:
-            self.stats.errors += 1
-            log.warning("cache lookup failed, encoding instead: %s", exc)
+            self._failed("read", exc)
             return [None] * len(keys)
 
     def _execute(self, pipe: redis.client.Pipeline) -> None:
         try:
             pipe.execute()
         except redis.RedisError as exc:
-            self.stats.errors += 1
-            log.warning("cache fill failed (vectors still returned): %s", exc)
+            self._failed("write", exc)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from embedq.broker.client import connect, shared_client
+from embedq.broker.client import cache_client, shared_client
 from embedq.codec import Embeddings
 from embedq.encode.base import Encoder
 from embedq.encode.factory import create_encoder
@@ -34,7 +34,10 @@ class Runtime:
     def __init__(self, settings: Settings, encoder: Encoder | None = None) -> None:
         self.settings = settings
         self.encoder = encoder or create_encoder(settings)
-        self.cache = RedisCache(connect(), settings.cache_ttl_s, settings.lru_items)
+        client, shared = cache_client(settings.cache_url)
+        # On the broker's Redis the cache keeps to its share; on its own Redis, LRU rules.
+        share = settings.cache_max_share if shared else None
+        self.cache = RedisCache(client, settings.cache_ttl_s, settings.lru_items, share)
         self.batcher = Batcher(
             self.encoder,
             self.cache,
