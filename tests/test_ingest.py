@@ -48,13 +48,22 @@ def _ingest_cmd(collection: str, *extra: str) -> list[str]:
 
 
 def _start_ingest(collection: str, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        _ingest_cmd(collection, *extra),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A suite started in the background (``nohup make test &``) ignores SIGINT, and a child
+    # inherits that; with a handler here the child starts with the default, as from a shell.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            _ingest_cmd(collection, *extra),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # Exit status of `embedq ingest` stopped with each signal.
