@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format bench clean browser
+.PHONY: install demo test soak lint format bench clean browser
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m embedq.demo
+	$(VENV)/bin/embedq demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check embedq tests bench
@@ -36,8 +36,13 @@ browser:
 	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) || \
 	  echo "chromium could not be installed: the Flower browser test will skip"
 
+# pytest leaves out the long soak and load runs (marker `soak`, see pyproject's addopts).
 test: lint browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Only the soak and load runs; their figures are in docs/reliability.md.
+soak: $(STAMP)
+	$(PY) -m pytest -q -ra -s -m soak $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/embedq bench --repeats 3 --out bench-results

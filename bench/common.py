@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from embedq.tools.bench import load_texts as _load_texts
-from embedq.tools.bench import median_time, worker
+from embedq.tools.bench import median_time
+from embedq.tools.procs import worker
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

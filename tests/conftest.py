@@ -6,21 +6,19 @@ worker subprocesses tests start) sees the test Redis database and a throwaway SQ
 
 from __future__ import annotations
 
-import json
 import os
 import random
+import shutil
 import socket
-import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-TMP = Path(tempfile.mkdtemp(prefix="embedq-tests-"))
+from tests.helpers import TMP, RedisServer, load_pydoc, load_sick
+
 POSTGRES_URL = os.environ.get(
     "EMBEDQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -105,28 +103,24 @@ def raw_model() -> Any:
 
 
 @pytest.fixture(scope="session")
+def onnx_data_dir() -> Path:
+    """A data folder holding the int8 ONNX export of the default model (made once, here):
+    for test_onnx, and for worker processes that run the cpu queue's default backend."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from embedq.encode.factory import create_encoder
+    from embedq.settings import Settings
+
+    folder = TMP / "onnx-state"
+    create_encoder(Settings(cpu_backend="onnx-int8", data_dir=folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def postgres_url() -> str:
     """The machine's real Postgres; tests that need it skip only if it is not running."""
     if not _answers("127.0.0.1", 5432):
         pytest.skip("no Postgres answers on 127.0.0.1:5432")
     return POSTGRES_URL
-
-
-def load_pydoc() -> list[dict[str, str]]:
-    """The 3,795 CPython docstrings of ../shared/data/pydoc.jsonl."""
-    path = SHARED_DATA / "pydoc.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} is not there")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_sick(split: str = "SICK_test_annotated.txt") -> list[tuple[str, str, float]]:
-    """SICK sentence pairs with relatedness (1-5)."""
-    path = SHARED_DATA / "sick" / split
-    if not path.exists():
-        pytest.skip(f"{path} is not there")
-    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
-    return [(r[1], r[2], float(r[3])) for r in rows]
 
 
 @pytest.fixture
@@ -144,7 +138,31 @@ def unseen_texts() -> list[str]:
     return [*docs, *sentences, *noise, "Grüße aus Köln, 東京 and مرحبا 🎉", ""]
 
 
-def unique_texts(n: int, tag: str = "") -> list[str]:
-    """``n`` texts never embedded before (so they miss every cache)."""
-    run = uuid.uuid4().hex[:8]
-    return [f"{tag} sentence {i} about topic {run}-{i * 7919 % 1000}" for i in range(n)]
+@pytest.fixture(scope="session")
+def side_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for worker subprocesses, which must not share the test database
+    (the in-process test worker would take their tasks); its URL without the database."""
+    if shutil.which("redis-server"):
+        server = RedisServer(tmp_path_factory.mktemp("side-redis"))
+        yield server.url().rsplit("/", 1)[0]
+        server.close()
+        return
+    url = os.environ["EMBEDQ_REDIS_URL"]
+    if not url.startswith("redis://"):
+        pytest.skip("needs redis-server or a TCP Redis to give subprocess workers a database")
+    yield url.rsplit("/", 1)[0]
+
+
+@pytest.fixture
+def side_redis(side_redis_server: str) -> Callable[[int], str]:
+    """``side_redis(db)``: the URL of database ``db`` of the side Redis, emptied."""
+    from embedq.broker.client import connect
+
+    def url(db: int) -> str:
+        found = f"{side_redis_server}/{db}"
+        client = connect(found)
+        client.flushdb()
+        client.close()
+        return found
+
+    return url

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from embedq.api import create_app
 from embedq.errors import ConfigurationError
 from embedq.settings import get_settings
-from tests.conftest import unique_texts
+from tests.helpers import unique_texts
 
 KEY = "test-key-" + uuid.uuid4().hex
 

@@ -29,7 +29,7 @@ from embedq.inputs import parse_embed_request
 from embedq.settings import get_settings
 from embedq.store.factory import create_store
 from embedq.tasks import embed_texts
-from tests.conftest import unique_texts
+from tests.helpers import unique_texts
 
 TIMEOUT_S = 120
 SQL = "'; DROP TABLE embedq_items; --"

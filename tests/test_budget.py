@@ -74,7 +74,7 @@ def test_a_worker_batcher_learns_its_budget_from_real_batches(runtime):
     from embedq.broker.client import connect
     from embedq.worker.batcher import Batcher
     from embedq.worker.cache import RedisCache
-    from tests.conftest import unique_texts
+    from tests.helpers import unique_texts
 
     encoder = runtime.encoder
     batcher = Batcher(

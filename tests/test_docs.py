@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from embedq.settings import Settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
 

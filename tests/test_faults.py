@@ -7,18 +7,17 @@ stored exactly once, none lost. Figures are printed (``pytest -s``) for docs/rel
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
+import resource
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,21 @@ from embedq import codec
 from embedq.broker.client import connect
 from embedq.errors import StoreError
 from embedq.keys import DELIVERY_PREFIX, content_hash
-from embedq.ops.heartbeat import read_heartbeats
 from embedq.search.build import blob_name as index_blob
 from embedq.search.build import build_index, index_dir, rebuild_changed
 from embedq.search.loader import IndexCache
 from embedq.store.base import Item
 from embedq.store.factory import create_store
-from tests.conftest import ROOT
-from tests.test_processes import BIN, _env, _redis_db, worker_process
+from tests.helpers import (
+    BIN,
+    ROOT,
+    isolated_env,
+    redis_server,
+    run_client,
+    wait_until,
+    worker,
+    workers,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -46,52 +52,6 @@ FAST_REDELIVERY = {"EMBEDQ_TASK_TIME_LIMIT_S": "15", "EMBEDQ_TASK_SOFT_TIME_LIMI
 
 
 PASSWORD = "pw-" + uuid.uuid4().hex[:12]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def redis_server(folder: Path, password: str | None = None) -> Iterator[list[str]]:
-    """A private redis-server (AOF fsync always, as docs/reliability.md advises); yields
-    its command line so a test can start it again after a restart."""
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server (Debian package) is not installed")
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cmd = ["redis-server", "--port", str(port), "--dir", str(folder), "--save", ""]
-    cmd += ["--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"]
-    if password:
-        cmd += ["--requirepass", password]
-    procs = [start_redis(cmd)]
-    try:
-        yield cmd
-    finally:
-        subprocess.run(["pkill", "-f", f"redis-server .*:{port}"], check=False)
-        for proc in procs:
-            proc.kill()
-
-
-def start_redis(cmd: list[str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not port_answers(int(cmd[cmd.index("--port") + 1])):
-        raise RuntimeError(f"redis-server did not start: {cmd}")
-    return proc
-
-
-def port_answers(port: int, timeout_s: float = 10) -> bool:
-    """Whether something accepts connections on 127.0.0.1:``port`` within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.1)
-    return False
 
 
 def corpus(path: Path, n: int) -> list[dict[str, str]]:
@@ -119,11 +79,12 @@ def finish(proc: subprocess.Popen[str], timeout_s: float = 600) -> dict[str, obj
 
 
 def wait_rows(store, collection: str, at_least: int, timeout_s: float = 300) -> int:
-    deadline = time.monotonic() + timeout_s
-    while (count := store.count(collection)) < at_least:
-        assert time.monotonic() < deadline, f"only {count} rows after {timeout_s} s"
-        time.sleep(0.2)
-    return count
+    return wait_until(
+        lambda: (n := store.count(collection)) >= at_least and n,
+        timeout_s,
+        0.2,
+        lambda: f"{at_least} rows in {collection!r} (only {store.count(collection)})",
+    )
 
 
 def audit(db_url: str, collection: str, docs: list[dict[str, str]]) -> dict[str, int]:
@@ -151,62 +112,29 @@ def audit(db_url: str, collection: str, docs: list[dict[str, str]]) -> dict[str,
     return figures
 
 
-def isolated_env(tmp_path: Path, redis_url: str, **extra: str) -> dict[str, str]:
-    return _env(
-        EMBEDQ_REDIS_URL=redis_url,
-        EMBEDQ_DATABASE_URL=f"sqlite:///{tmp_path / 'faults.db'}",
-        EMBEDQ_DATA_DIR=str(tmp_path / "data"),
-        EMBEDQ_WORKER_CONCURRENCY="4",
-        EMBEDQ_METRICS_PORT="0",
-        **extra,
-    )
-
-
-def own_redis_db(db: int) -> str:
-    url = _redis_db(os.environ["EMBEDQ_REDIS_URL"], db)
-    if not url.startswith("redis://"):
-        pytest.skip("needs a TCP Redis to give the subprocess workers their own database")
-    connect(url).flushdb()
-    return url
-
-
-WORKER = [str(BIN / "embedq"), "worker", "--queue", "cpu"]
-
-
-@contextmanager
-def logged_worker(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """A worker process logging to ``log`` (a pipe nobody reads would stall it)."""
-    with log.open("a") as handle:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=handle, stderr=handle)
-        try:
-            yield proc
-        finally:
-            _stop(proc)
-
-
 def redelivered(url: str) -> int:
     """Task attempts handed to a worker more than once (the delivery counters)."""
     client = connect(url)
     return sum(int(client.get(k) or 0) > 1 for k in client.scan_iter(f"{DELIVERY_PREFIX}:*"))
 
 
-def test_kill_9_worker_mid_ingest_loses_and_duplicates_nothing(tmp_path):
-    env = isolated_env(tmp_path, own_redis_db(11), **FAST_REDELIVERY)
+def test_kill_9_worker_mid_ingest_loses_and_duplicates_nothing(tmp_path, side_redis):
+    environ = isolated_env(tmp_path, side_redis(11), **FAST_REDELIVERY)
     docs = corpus(tmp_path / "docs.jsonl", 5000)
-    store = create_store(env["EMBEDQ_DATABASE_URL"])
+    store = create_store(environ["EMBEDQ_DATABASE_URL"])
     log = tmp_path / "worker.log"
-    ingest = start_ingest(tmp_path / "docs.jsonl", "killed", env)
+    ingest = start_ingest(tmp_path / "docs.jsonl", "killed", environ)
     try:
-        with logged_worker(WORKER, env, log) as first:
+        with worker(environ, log, ready=False) as first:
             at_kill = wait_rows(store, "killed", 1500)
             first.send_signal(signal.SIGKILL)
             first.wait()
-        with logged_worker(WORKER, env, log):
+        with worker(environ, log, ready=False):
             summary = finish(ingest)
     finally:
         ingest.kill()
-    figures = audit(env["EMBEDQ_DATABASE_URL"], "killed", docs)
-    again = redelivered(env["EMBEDQ_REDIS_URL"])
+    figures = audit(environ["EMBEDQ_DATABASE_URL"], "killed", docs)
+    again = redelivered(environ["EMBEDQ_REDIS_URL"])
     print(
         f"kill -9 at {at_kill} stored; {again} tasks redelivered; summary stored "
         f"{summary['stored']} skipped {summary['skipped']}"
@@ -217,29 +145,42 @@ def test_kill_9_worker_mid_ingest_loses_and_duplicates_nothing(tmp_path):
     assert figures == {"attempted": 5000, "stored": 5000, "lost": 0, "duplicated": 0, "wrong": 0}
 
 
-def test_redis_restart_mid_ingest_loses_nothing(tmp_path):
+# make test stops Redis once; make soak (marker soak) stops it early, midway and late, for
+# half a second and for eight, as docs/reliability.md reports.
+RESTARTS = [
+    pytest.param(800, 3.0, id="down-3s-at-800"),
+    *(
+        pytest.param(at, down_s, id=f"down-{down_s:g}s-at-{at}", marks=pytest.mark.soak)
+        for at in (50, 1500, 2600)
+        for down_s in (0.5, 8.0)
+    ),
+]
+
+
+@pytest.mark.parametrize(("at", "down_s"), RESTARTS)
+def test_redis_restart_mid_ingest_loses_nothing(tmp_path, at, down_s):
     # With a password, as production Redis has: it must never show in a log.
-    with redis_server(tmp_path / "redis", password=PASSWORD) as cmd:
-        url = f"redis://:{PASSWORD}@127.0.0.1:{cmd[cmd.index('--port') + 1]}/0"
+    with redis_server(tmp_path / "redis", password=PASSWORD, durable=True) as server:
+        url = server.url(0)
         # A task whose ack the outage lost comes back after the visibility timeout: keep it short.
-        env = isolated_env(tmp_path, url, **FAST_REDELIVERY)
+        environ = isolated_env(tmp_path, url, **FAST_REDELIVERY)
         docs = corpus(tmp_path / "docs.jsonl", 3000)
-        store = create_store(env["EMBEDQ_DATABASE_URL"])
+        store = create_store(environ["EMBEDQ_DATABASE_URL"])
         log = tmp_path / "worker.log"
-        with logged_worker(WORKER, env, log):
-            ingest = start_ingest(tmp_path / "docs.jsonl", "restart", env)
-            at_stop = wait_rows(store, "restart", 800)
+        with worker(environ, log, ready=False):
+            ingest = start_ingest(tmp_path / "docs.jsonl", "restart", environ)
+            at_stop = wait_rows(store, "restart", at)
             # Saves the append-only file, as a restart would (a client that does not retry).
             redis.Redis.from_url(url).shutdown()
-            time.sleep(3)
-            start_redis(cmd)
+            time.sleep(down_s)  # the outage itself
+            server.restart()
             try:
                 summary = finish(ingest, timeout_s=240)
             finally:
                 ingest.kill()
         again = redelivered(url)
-    figures = audit(env["EMBEDQ_DATABASE_URL"], "restart", docs)
-    print(f"Redis down 3 s at {at_stop} stored; {again} tasks redelivered")
+    figures = audit(environ["EMBEDQ_DATABASE_URL"], "restart", docs)
+    print(f"Redis down {down_s:g} s at {at_stop} stored; {again} tasks redelivered")
     assert "Connection to broker lost" in log.read_text(), "the worker saw the outage"
     assert "Unrecoverable error" not in log.read_text(), "the worker survived it"
     assert PASSWORD not in log.read_text() + json.dumps(summary)
@@ -247,19 +188,16 @@ def test_redis_restart_mid_ingest_loses_nothing(tmp_path):
     assert figures == {"attempted": 3000, "stored": 3000, "lost": 0, "duplicated": 0, "wrong": 0}
 
 
-def test_four_workers_on_one_sqlite_file_lose_nothing_to_locks(tmp_path):
-    env = isolated_env(tmp_path, own_redis_db(11))
+def test_four_workers_on_one_sqlite_file_lose_nothing_to_locks(tmp_path, side_redis):
+    environ = isolated_env(tmp_path, side_redis(11))
     docs = corpus(tmp_path / "docs.jsonl", 2000)
     logs = [tmp_path / f"worker{i}.log" for i in range(4)]
-    with ExitStack() as stack:
-        for i, log in enumerate(logs):
-            stack.enter_context(logged_worker([*WORKER, "--hostname", f"w{i}@%h"], env, log))
-        _wait_for_heartbeats(env["EMBEDQ_REDIS_URL"], 4)
+    with workers(environ, logs, hostnames=[f"w{i}@%h" for i in range(4)]):
         summary = finish(
             start_ingest(
                 tmp_path / "docs.jsonl",
                 "sqlite4",
-                env,
+                environ,
                 "--chunk-size",
                 "8",
                 "--max-in-flight",
@@ -272,26 +210,10 @@ def test_four_workers_on_one_sqlite_file_lose_nothing_to_locks(tmp_path):
         f"\ntasks per worker: {served}; 'database is locked' lines: "
         f"{output.count('database is locked')}"
     )
-    figures = audit(env["EMBEDQ_DATABASE_URL"], "sqlite4", docs)
+    figures = audit(environ["EMBEDQ_DATABASE_URL"], "sqlite4", docs)
     assert summary["failed"] == 0, summary["failures"]
     assert all(served), f"every worker took tasks: {served}"
     assert figures == {"attempted": 2000, "stored": 2000, "lost": 0, "duplicated": 0, "wrong": 0}
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def _wait_for_heartbeats(url: str, count: int, timeout_s: float = 240) -> None:
-    client = connect(url)
-    deadline = time.monotonic() + timeout_s
-    while len(read_heartbeats(client).get("cpu", [])) < count:
-        assert time.monotonic() < deadline, "the workers did not come up"
-        time.sleep(0.5)
 
 
 # Runs the real worker, with one fault planted in the real encoder (or the process).
@@ -323,11 +245,14 @@ FAULTY_WORKER = textwrap.dedent(
     main()
     """
 )
+FAULTY = [sys.executable, "-c", FAULTY_WORKER]
 
 
-def test_a_task_that_always_crashes_the_encoder_fails_after_bounded_retries(tmp_path):
-    url = own_redis_db(11)
-    env = isolated_env(tmp_path, url, EMBEDQ_TASK_MAX_RETRIES="2", EMBEDQ_TASK_RETRY_BACKOFF_S="1")
+def test_a_task_that_always_crashes_the_encoder_fails_after_bounded_retries(tmp_path, side_redis):
+    url = side_redis(11)
+    environ = isolated_env(
+        tmp_path, url, EMBEDQ_TASK_MAX_RETRIES="2", EMBEDQ_TASK_RETRY_BACKOFF_S="1"
+    )
     code = textwrap.dedent(
         """
         import json, sys, time
@@ -343,10 +268,8 @@ def test_a_task_that_always_crashes_the_encoder_fails_after_bounded_retries(tmp_
         print(json.dumps({"id": bad.id, "state": bad.state, "outcome": outcome, "shapes": shapes}))
         """
     )
-    with worker_process([sys.executable, "-c", FAULTY_WORKER], env):
-        out = run_client(code, env, timeout_s=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    with worker(environ, tmp_path / "worker.log", FAULTY, ready=False):
+        result = json.loads(run_client(environ, code, timeout_s=300))
     attempts = len(list(connect(url).scan_iter(f"{DELIVERY_PREFIX}:{result['id']}:*")))
     print(f"\npoison task: {attempts} attempts, {result['outcome']}")
     assert result["state"] == "FAILURE"
@@ -356,57 +279,43 @@ def test_a_task_that_always_crashes_the_encoder_fails_after_bounded_retries(tmp_
     assert result["shapes"] == [[1, 384]] * 10, "the other tasks finish"
 
 
-def test_a_task_that_kills_its_worker_is_stopped_as_poison(tmp_path):
-    url = own_redis_db(11)
+def test_a_task_that_kills_its_worker_is_stopped_as_poison(tmp_path, side_redis):
+    url = side_redis(11)
     limits = {"EMBEDQ_TASK_TIME_LIMIT_S": "5", "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "4"}
-    env = isolated_env(tmp_path, url, FAULT="die", EMBEDQ_TASK_MAX_DELIVERIES="2", **limits)
-    bad = send(env, ["zyzzyva-poison"])
-    backend, deaths = connect(url), 0
-    deadline = time.monotonic() + 240
-    while task_meta(backend, bad).get("status") != "FAILURE" and time.monotonic() < deadline:
-        with worker_process([sys.executable, "-c", FAULTY_WORKER], env) as worker:
-            while worker.poll() is None and time.monotonic() < deadline:
-                if task_meta(backend, bad).get("status") == "FAILURE":
-                    break
-                time.sleep(0.5)
-            deaths += worker.poll() == 137
-    meta = task_meta(backend, bad)
-    print(f"\nworker deaths: {deaths}; final: {meta.get('result')}")
-    assert meta.get("status") == "FAILURE"
-    assert meta["result"]["exc_type"] == "PoisonTaskError"
-    assert deaths == 2, "two deliveries were allowed, the third was refused"
-    # The queue is clean again: the next task on a worker (faulty as before) succeeds.
-    good = send(env, ["a healthy text"])
-    with worker_process([sys.executable, "-c", FAULTY_WORKER], env):
-        while task_meta(backend, good).get("status") is None and time.monotonic() < deadline:
-            time.sleep(0.5)
+    environ = isolated_env(tmp_path, url, FAULT="die", EMBEDQ_TASK_MAX_DELIVERIES="2", **limits)
+    bad = send(environ, ["zyzzyva-poison"])
+    backend, deaths, log = connect(url), 0, tmp_path / "worker.log"
+
+    def failed() -> bool:
+        return task_meta(backend, bad).get("status") == "FAILURE"
+
+    with ExitStack() as stack:
+        for _ in range(4):  # two deaths and the refused delivery, and one spare
+            proc = stack.enter_context(worker(environ, log, FAULTY, ready=False))
+            wait_until(
+                lambda p=proc: p.poll() is not None or failed(), 120, 0.5, "a death or the failure"
+            )
+            if proc.poll() is None:
+                break  # this worker refused the task and lives on
+            deaths += proc.poll() == 137
+        meta = task_meta(backend, bad)
+        print(f"\nworker deaths: {deaths}; final: {meta.get('result')}")
+        assert meta.get("status") == "FAILURE"
+        assert meta["result"]["exc_type"] == "PoisonTaskError"
+        assert deaths == 2, "two deliveries were allowed, the third was refused"
+        # The queue is clean again: the next task on that worker (faulty as before) succeeds.
+        good = send(environ, ["a healthy text"])
+        wait_until(lambda: task_meta(backend, good).get("status"), 120, 0.5, "the healthy task")
     assert task_meta(backend, good).get("status") == "SUCCESS"
 
 
-def send(env: dict[str, str], texts: list[str]) -> str:
-    """Queue one embed task from a client process of ``env``; its id."""
+def send(environ: dict[str, str], texts: list[str]) -> str:
+    """Queue one embed task from a client process of ``environ``; its id."""
     code = (
         "import sys, json; from embedq.tasks import embed_texts; "
         "print(embed_texts.apply_async((json.loads(sys.argv[1]),), queue='cpu').id)"
     )
-    out = run_client(code, env, json.dumps(texts), timeout_s=120)
-    out.check_returncode()
-    return out.stdout.strip().splitlines()[-1]
-
-
-def run_client(
-    code: str, env: dict[str, str], *args: str, timeout_s: float
-) -> subprocess.CompletedProcess[str]:
-    """Python ``code`` in a client process of ``env`` (its own Celery app and settings)."""
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    return run_client(environ, code, json.dumps(texts), timeout_s=120)
 
 
 def task_meta(client, task_id: str) -> dict:
@@ -423,6 +332,19 @@ def _items(collection: str, texts: list[str], vectors, start: int = 0) -> list[I
 
 
 @pytest.mark.usefixtures("redis_client")
+@contextlib.contextmanager
+def _file_size_limit(max_bytes: int) -> Iterator[None]:
+    """Writes beyond ``max_bytes`` fail in this process (SIGXFSZ ignored: EFBIG instead)."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
 def test_a_full_disk_fails_clearly_writes_nothing_half_and_keeps_the_old_index(tmp_path, raw_model):
     store = create_store(f"sqlite:///{tmp_path / 'full.db'}")
     texts = [
@@ -456,25 +378,25 @@ def test_a_full_disk_fails_clearly_writes_nothing_half_and_keeps_the_old_index(t
     store.upsert(_items("c", texts[300:], vectors[300:], start=300))
     assert rebuild_changed(store, tmp_path / "builder")["c"]["count"] == 600
     folder = index_dir(tmp_path / "searcher", "c")
-    trap = folder / f".v2.blob.{os.getpid()}.tmp"
-    trap.symlink_to("/dev/full")  # every write to it fails with ENOSPC
-    assert cache.get("c").version == 1, "v2 could not be stored locally: v1 kept"
-    assert not trap.exists() and not (folder / "v2.blob").exists(), "no half-written file"
+    with _file_size_limit(64 * 1024):  # every write past 64 KiB fails (EFBIG), as on a full disk
+        assert cache.get("c").version == 1, "v2 could not be stored locally: v1 kept"
+    leftovers = [p.name for p in folder.iterdir() if not p.name.startswith("v1.")]
+    assert not leftovers, f"no half-written file: {leftovers}"
     assert cache.get("c").version == 2, "with space back, the next check loads v2"
     store.close()
 
 
-def test_a_read_only_postgres_store_fails_the_ingest_clearly(tmp_path, postgres_url):
+def test_a_read_only_postgres_store_fails_the_ingest_clearly(tmp_path, postgres_url, side_redis):
     read_only = postgres_url + "?options=-c%20default_transaction_read_only%3Don"
-    env = isolated_env(
-        tmp_path, own_redis_db(11), EMBEDQ_TASK_MAX_RETRIES="1", EMBEDQ_TASK_RETRY_BACKOFF_S="1"
+    environ = isolated_env(
+        tmp_path, side_redis(11), EMBEDQ_TASK_MAX_RETRIES="1", EMBEDQ_TASK_RETRY_BACKOFF_S="1"
     )
-    env["EMBEDQ_DATABASE_URL"] = read_only
+    environ["EMBEDQ_DATABASE_URL"] = read_only
     create_store(postgres_url).close()  # the tables exist; only writes are refused
     corpus(tmp_path / "docs.jsonl", 100)
     collection = f"ro-{uuid.uuid4().hex[:6]}"
-    with logged_worker(WORKER, env, tmp_path / "worker.log"):
-        proc = start_ingest(tmp_path / "docs.jsonl", collection, env, "--chunk-size", "50")
+    with worker(environ, tmp_path / "worker.log", ready=False):
+        proc = start_ingest(tmp_path / "docs.jsonl", collection, environ, "--chunk-size", "50")
         out, _ = proc.communicate(timeout=300)
     summary = json.loads(out.strip().splitlines()[-1])
     print(f"\nread-only store: {summary['failed']} failed; {summary['failures'][0]['reason']}")

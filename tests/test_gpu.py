@@ -11,7 +11,7 @@ from embedq.encode.torch_backend import TorchEncoder, gpu_dtype
 from embedq.errors import ConfigurationError
 from embedq.settings import Settings
 from embedq.worker.batcher import encode_all
-from tests.conftest import load_pydoc
+from tests.helpers import load_pydoc
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

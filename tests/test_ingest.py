@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -22,7 +21,7 @@ from embedq.producer.reader import BadRecord, Document, count_records, read_docu
 from embedq.search.build import build_index
 from embedq.settings import get_settings
 from embedq.store.factory import create_store
-from tests.conftest import ROOT, SHARED_DATA, load_pydoc
+from tests.helpers import ROOT, SHARED_DATA, load_pydoc, wait_until
 
 PYDOC = SHARED_DATA / "pydoc.jsonl"
 
@@ -43,6 +42,67 @@ def _json_hits(hits) -> list[str]:
     return [h.id for h in hits if h.id.startswith("json.")]
 
 
+def _ingest_cmd(collection: str, *extra: str) -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "embedq")
+    return [exe, "ingest", str(PYDOC), "--collection", collection, "--max-in-flight", "4", *extra]
+
+
+def _start_ingest(collection: str, *extra: str) -> subprocess.Popen[str]:
+    # A suite started in the background (``nohup make test &``) ignores SIGINT, and a child
+    # inherits that; with a handler here the child starts with the default, as from a shell.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            _ingest_cmd(collection, *extra),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# Exit status of `embedq ingest` stopped with each signal.
+STOPPED = {signal.SIGINT: 130, signal.SIGKILL: -9}
+
+
+def test_interrupted_ingests_resume_with_each_document_once(runtime, redis_client):
+    """Two ingests of pydoc side by side, one stopped with SIGINT and one killed with SIGKILL
+    at 1,000 stored, then both rerun: each collection ends with every document once, and
+    each distinct text went through the encoder exactly once over all four runs."""
+    _cold_cache(runtime, redis_client)
+    unique_texts = len({d["text"] for d in load_pydoc()})
+    encoded = runtime.batcher.stats.texts_encoded
+    store, tag = _store(), uuid.uuid4().hex[:6]
+    collections = {sig: f"killed-{sig.name.lower()}-{tag}" for sig in STOPPED}
+    first = {sig: _start_ingest(collections[sig], "--quiet") for sig in STOPPED}
+    for sig, proc in first.items():
+        wait_until(
+            lambda c=collections[sig]: store.count(c) >= 1000, 300, 0.2, f"1000 stored ({sig})"
+        )
+        proc.send_signal(sig)
+    for sig, proc in first.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == STOPPED[sig], (sig, (out + err)[-2000:])
+        assert 1000 <= store.count(collections[sig]) < 3795, sig
+
+    reruns = {sig: _start_ingest(collections[sig], "--json") for sig in STOPPED}
+    for sig, rerun in reruns.items():
+        out, err = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, (sig, err[-2000:])
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["skipped"] >= 1000 and summary["failed"] == 0, (sig, summary)
+        assert store.count(collections[sig]) == 3795, sig
+    # Each distinct text went through the encoder exactly once over the four runs.
+    assert runtime.batcher.stats.texts_encoded - encoded == unique_texts
+
+
+# After the interrupted ingests: they leave every pydoc vector in the cache, so this one
+# spends no time encoding pydoc again (none of its checks depends on encoding).
 def test_pydoc_ingest_search_and_rerun(runtime, redis_client, tmp_path):
     docs = load_pydoc()
     collection = f"pydoc-{uuid.uuid4().hex[:6]}"
@@ -64,49 +124,6 @@ def test_pydoc_ingest_search_and_rerun(runtime, redis_client, tmp_path):
     assert again.skipped == 3795 and again.stored == 0
     assert runtime.batcher.stats.texts_encoded == encoded
     assert again.wall_s < 30
-
-
-def _ingest_cmd(collection: str, *extra: str) -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "embedq")
-    return [exe, "ingest", str(PYDOC), "--collection", collection, "--max-in-flight", "4", *extra]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
-def test_interrupted_ingest_resumes_with_each_document_once(runtime, redis_client, sig):
-    _cold_cache(runtime, redis_client)
-    collection = f"killed-{sig.name.lower()}-{uuid.uuid4().hex[:6]}"
-    unique_texts = len({d["text"] for d in load_pydoc()})
-    encoded = runtime.batcher.stats.texts_encoded
-    proc = subprocess.Popen(
-        _ingest_cmd(collection, "--quiet"),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    store = _store()
-    deadline = time.monotonic() + 300
-    while store.count(collection) < 1000 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == (130 if sig == signal.SIGINT else -9), output[-2000:]
-    assert 1000 <= store.count(collection) < 3795
-
-    rerun = subprocess.run(
-        _ingest_cmd(collection, "--json"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert summary["skipped"] >= 1000 and summary["failed"] == 0
-    assert store.count(collection) == 3795
-    # Each distinct text went through the encoder exactly once over both runs.
-    assert runtime.batcher.stats.texts_encoded - encoded == unique_texts
 
 
 def test_long_documents_are_chunked_and_searched_by_parent(celery_worker):

@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,16 +20,9 @@ from embedq.cli import cli
 from embedq.ops.status import Report, alerts, build_report, render
 from embedq.settings import get_settings
 from embedq.store.factory import create_store
-from tests.conftest import ROOT, unique_texts
+from tests.helpers import BIN, ROOT, free_port, process, unique_texts, wait_until, worker
 
-BIN = Path(sys.executable).parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
@@ -49,36 +37,6 @@ def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def wait_for(check, timeout_s: float = 60.0, what: str = "") -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@contextmanager
-def process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A subprocess with its output in ``log``, stopped with SIGTERM (then SIGKILL)."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def test_status_report_counts_what_happened(runtime, redis_client):
@@ -127,13 +85,13 @@ def test_alerts_speak_plainly():
     assert "collection 'docs' has no index yet" in said
 
 
-def test_worker_metrics_are_scrapable(tmp_path, redis_client):
+def test_worker_metrics_are_scrapable(tmp_path, side_redis):
     port = free_port()
-    env = os.environ | {"EMBEDQ_METRICS_PORT": str(port), "EMBEDQ_REDIS_URL": _db(redis_client, 10)}
+    env = os.environ | {"EMBEDQ_METRICS_PORT": str(port), "EMBEDQ_REDIS_URL": side_redis(10)}
     cmd = [str(BIN / "embedq"), "worker", "--queue", "cpu", "--hostname", f"m-{port}@%h"]
-    with process(cmd, env, tmp_path / "worker.log"):
+    with worker(env, tmp_path / "worker.log", cmd, ready=False):
         url = f"http://127.0.0.1:{port}/metrics"
-        wait_for(lambda: http_get(url)[0] == 200, 120, "the metrics port")
+        wait_until(lambda: http_get(url)[0] == 200, 120, 0.5, "the metrics port", (OSError,))
         client_env = env | {"EMBEDQ_DATABASE_URL": env["EMBEDQ_DATABASE_URL"]}
         code = "from embedq.tasks import embed_texts; embed_texts.delay(['a b', 'c d e']).get(60)"
         subprocess.run([sys.executable, "-c", code], env=client_env, check=True, timeout=120)
@@ -156,17 +114,6 @@ def test_worker_metrics_are_scrapable(tmp_path, redis_client):
     assert float(texts[0].split()[-1]) >= 2
 
 
-def _db(redis_client, db: int) -> str:
-    kwargs = redis_client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        pytest.skip("needs a TCP Redis for a second database")
-    url = f"redis://{kwargs['host']}:{kwargs['port']}/{db}"
-    import redis
-
-    redis.Redis.from_url(url).flushdb()
-    return url
-
-
 def test_flower_refuses_to_start_without_credentials():
     env = {k: v for k, v in os.environ.items() if k != "EMBEDQ_FLOWER_BASIC_AUTH"}
     out = subprocess.run(
@@ -187,14 +134,20 @@ def test_flower_in_a_real_browser(celery_worker, tmp_path):
     env = os.environ | {"EMBEDQ_FLOWER_BASIC_AUTH": f"ops:{password}"}
     with process([str(BIN / "embedq"), "flower", "--port", str(port)], env, tmp_path / "f.log"):
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: http_get(base)[0] == 401, 60, "Flower")
+        wait_until(lambda: http_get(base)[0] == 401, 60, 0.5, "Flower", (OSError,))
         # Flower switches task events on in the workers; then a task shows up.
-        wait_for(lambda: _has_worker(base, password), 60, "a worker in Flower")
+        wait_until(lambda: _has_worker(base, password), 60, 0.5, "a worker in Flower", (OSError,))
         from embedq.tasks import embed_texts
 
         secret = "private document text " + uuid.uuid4().hex
         task_id = embed_texts.delay([secret]).id
-        wait_for(lambda: task_id in http_get(f"{base}/api/tasks", ("ops", password))[1], 30)
+        wait_until(
+            lambda: task_id in http_get(f"{base}/api/tasks", ("ops", password))[1],
+            30,
+            0.5,
+            "the task in Flower",
+            (OSError,),
+        )
         tasks = chromium_dom(f"http://ops:{password}@127.0.0.1:{port}/tasks")
         detail = chromium_dom(f"http://ops:{password}@127.0.0.1:{port}/task/{task_id}")
         workers = chromium_dom(f"http://ops:{password}@127.0.0.1:{port}/workers")
@@ -211,12 +164,12 @@ def _has_worker(base: str, password: str) -> bool:
     return code == 200 and len(json.loads(body)) > 0
 
 
-def test_procfile_processes_serve_an_embedding(tmp_path, redis_client):
+def test_procfile_processes_serve_an_embedding(tmp_path, side_redis):
     ports = {"api": free_port(), "flower": free_port()}
     key, password = uuid.uuid4().hex, uuid.uuid4().hex
     env = os.environ | {
         "PATH": f"{BIN}:{os.environ['PATH']}",
-        "EMBEDQ_REDIS_URL": _db(redis_client, 9),
+        "EMBEDQ_REDIS_URL": side_redis(9),
         "EMBEDQ_API_KEYS": key,
         "EMBEDQ_API_PORT": str(ports["api"]),
         "EMBEDQ_FLOWER_PORT": str(ports["flower"]),
@@ -227,7 +180,13 @@ def test_procfile_processes_serve_an_embedding(tmp_path, redis_client):
     cmd = [str(BIN / "honcho"), "start", "worker_cpu", "beat", "flower", "api"]
     with process(cmd, env, tmp_path / "honcho.log"):
         api = f"http://127.0.0.1:{ports['api']}"
-        wait_for(lambda: http_get(f"{api}/health")[0] == 200, 180, "the api to see a worker")
+        wait_until(
+            lambda: http_get(f"{api}/health")[0] == 200,
+            180,
+            0.5,
+            "the api to see a worker",
+            (OSError,),
+        )
         body = _post_embed(api, key)
         flower = f"http://127.0.0.1:{ports['flower']}"
 
@@ -236,8 +195,10 @@ def test_procfile_processes_serve_an_embedding(tmp_path, redis_client):
             _post_embed(api, key)
             return "embedq.embed_texts" in http_get(f"{flower}/api/tasks", ("ops", password))[1]
 
-        seen = wait_for(flower_saw_a_task, 60, "Flower to see a task")
-        log = wait_for(lambda: _beat_started(tmp_path / "honcho.log"), 30, "beat")
+        seen = wait_until(flower_saw_a_task, 60, 0.5, "Flower to see a task", (OSError,))
+        log = wait_until(
+            lambda: _beat_started(tmp_path / "honcho.log"), 30, 0.5, "beat", (OSError,)
+        )
     assert body["dim"] == 384 and len(body["vectors"][0]) == 384
     assert seen and log
 

@@ -11,7 +11,7 @@ from embedq.codec import Embeddings
 from embedq.keys import content_hash, vector_key
 from embedq.store.factory import create_store
 from embedq.tasks import embed_texts
-from tests.conftest import unique_texts
+from tests.helpers import unique_texts
 
 TIMEOUT_S = 120
 

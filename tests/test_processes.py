@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,66 +14,7 @@ import pytest
 from embedq.broker.client import connect
 from embedq.ops.heartbeat import read_heartbeats
 from embedq.store.factory import create_store
-from tests.conftest import ROOT, load_pydoc
-
-BIN = Path(sys.executable).parent
-
-CLIENT = textwrap.dedent(
-    """
-    import json, sys
-    from embedq.tasks import embed_texts
-    args = json.loads(sys.argv[1])
-    vectors = embed_texts.delay(args["texts"], collection=args.get("collection"),
-                                ids=args.get("ids")).get(timeout=120)
-    print(json.dumps({"shape": list(vectors.shape), "type": type(vectors).__name__,
-                      "norms": [float((v * v).sum()) for v in vectors]}))
-    """
-)
-
-
-def _env(**overrides: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-@contextmanager
-def worker_process(cmd: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    """A worker subprocess, stopped with SIGTERM (warm shutdown) at the end."""
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def run_client(env: dict[str, str], **args: object) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-c", CLIENT, json.dumps(args)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _redis_db(url: str, db: int) -> str:
-    return url.rsplit("/", 1)[0] + f"/{db}" if url.startswith("redis://") else url
+from tests.helpers import BIN, SHARED_DATA, embed_in_client, env, load_pydoc, worker
 
 
 @pytest.mark.parametrize(
@@ -95,26 +32,24 @@ def _redis_db(url: str, db: int) -> str:
         ),
     ],
 )
-def test_worker_commands_embed_and_store(cmd, database, request, tmp_path, redis_client):
+def test_worker_commands_embed_and_store(cmd, database, request, tmp_path, side_redis):
     if database == "postgres":
         db_url = request.getfixturevalue("postgres_url")
     else:
         db_url = f"sqlite:///{tmp_path / 'worker.db'}"
-    # A Redis database of its own, so the in-process test worker takes none of these tasks.
-    redis_url = _redis_db(os.environ["EMBEDQ_REDIS_URL"], 14)
-    if not redis_url.startswith("redis://"):
-        pytest.skip("needs a TCP Redis to give the subprocess worker its own database")
-    env = _env(
+    # A Redis of its own, so the in-process test worker takes none of these tasks.
+    redis_url = side_redis(14)
+    environ = env(
         EMBEDQ_REDIS_URL=redis_url, EMBEDQ_DATABASE_URL=db_url, EMBEDQ_WORKER_CONCURRENCY="4"
     )
     collection = f"proc-{uuid.uuid4().hex[:8]}"
-    with worker_process(cmd, env) as proc:
-        result = run_client(
-            env, texts=["alpha", "beta", "gamma"], collection=collection, ids=["a", "b", "c"]
+    log = tmp_path / "worker.log"
+    with worker(environ, log, cmd) as proc:
+        result = embed_in_client(
+            environ, texts=["alpha", "beta", "gamma"], collection=collection, ids=["a", "b", "c"]
         )
         beats = read_heartbeats(connect(redis_url)).get("cpu", [])
-    output = proc.stdout.read() if proc.stdout else ""
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 0, log.read_text()[-3000:]
     assert len(beats) == 1, "a live worker publishes one heartbeat for its queue"
     assert result["shape"] == [3, 384]
     assert result["type"] == "Embeddings"
@@ -134,10 +69,9 @@ from embedq.ops.heartbeat import read_heartbeats
         print(url, connect(url).ping())
         """
     )
-    env = _env(EMBEDQ_REDIS_URL=None, EMBEDQ_DATA_DIR=str(tmp_path))
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env=env,
+        env=env(EMBEDQ_REDIS_URL=None, EMBEDQ_DATA_DIR=str(tmp_path)),
         capture_output=True,
         text=True,
         timeout=60,
@@ -149,14 +83,14 @@ from embedq.ops.heartbeat import read_heartbeats
 
 
 def test_demo_runs_on_the_embedded_redis_and_stops_cleanly(tmp_path):
-    env = _env(
+    environ = env(
         EMBEDQ_REDIS_URL="embedded",
         EMBEDQ_DATA_DIR=str(tmp_path / "state"),
         EMBEDQ_DATABASE_URL=f"sqlite:///{tmp_path / 'demo.db'}",
     )
     out = subprocess.run(
         [sys.executable, "-m", "embedq.tools.demo"],
-        env=env,
+        env=environ,
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -171,25 +105,31 @@ def test_demo_runs_on_the_embedded_redis_and_stops_cleanly(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.startswith("│ [0]")]
     values = [float(x) for x in rows[0].split("│")[2:-1]]
     assert values[1] > 0.5 > values[2]
-    assert create_store(env["EMBEDQ_DATABASE_URL"]).count("demo") == 5
+    assert create_store(environ["EMBEDQ_DATABASE_URL"]).count("demo") == 5
     # The demo started the embedded server, so it stopped it too (Redis removes its socket).
     socket_path = out.stdout.split("redis+socket://", 1)[1].split()[0]
     assert not Path(socket_path).exists()
 
 
-def test_pydoc_ingest_and_search_on_postgres_through_the_cli(postgres_url, redis_client):
-    redis_url = _redis_db(os.environ["EMBEDQ_REDIS_URL"], 14)
-    if not redis_url.startswith("redis://"):
-        pytest.skip("needs a TCP Redis to give the subprocess worker its own database")
-    env = _env(EMBEDQ_REDIS_URL=redis_url, EMBEDQ_DATABASE_URL=postgres_url)
+def test_pydoc_ingest_and_search_on_postgres_through_the_cli(
+    postgres_url, side_redis, onnx_data_dir, tmp_path
+):
+    # The cpu queue's default encoder (int8 ONNX, exported once per session), as deployed;
+    # about three times faster here than the fp32 torch the in-process tests compare with.
+    environ = env(
+        EMBEDQ_REDIS_URL=side_redis(14),
+        EMBEDQ_DATABASE_URL=postgres_url,
+        EMBEDQ_CPU_BACKEND="onnx-int8",
+        EMBEDQ_DATA_DIR=str(onnx_data_dir),
+    )
     collection = f"pydoc-pg-{uuid.uuid4().hex[:6]}"
     cli = str(BIN / "embedq")
     load_pydoc()  # skips, with the reason, where the shared data is absent
-    pydoc = str(ROOT.parent / "shared" / "data" / "pydoc.jsonl")
-    with worker_process([cli, "worker", "--queue", "cpu"], env):
+    pydoc = str(SHARED_DATA / "pydoc.jsonl")
+    with worker(environ, tmp_path / "worker.log", ready=False):
         ingested = subprocess.run(
             [cli, "ingest", pydoc, "--collection", collection, "--json"],
-            env=env,
+            env=environ,
             capture_output=True,
             text=True,
             timeout=900,
@@ -200,7 +140,7 @@ def test_pydoc_ingest_and_search_on_postgres_through_the_cli(postgres_url, redis
         assert summary["stored"] + summary["skipped"] == 3795 and summary["failed"] == 0
         rebuilt = subprocess.run(
             [cli, "index", "rebuild", "--collection", collection],
-            env=env,
+            env=environ,
             capture_output=True,
             text=True,
             timeout=300,
@@ -209,7 +149,7 @@ def test_pydoc_ingest_and_search_on_postgres_through_the_cli(postgres_url, redis
         assert json.loads(rebuilt.stdout)[collection]["count"] == 3795
         found = subprocess.run(
             [cli, "search", "parse JSON", "--collection", collection, "-k", "5", "--json"],
-            env=env,
+            env=environ,
             capture_output=True,
             text=True,
             timeout=120,

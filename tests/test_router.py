@@ -12,7 +12,7 @@ from embedq.ops.heartbeat import TTL_S, Heartbeat, read_heartbeats
 from embedq.producer import router
 from embedq.producer.router import QueueState, decide, read_states
 from embedq.tasks import embed_texts
-from tests.conftest import unique_texts
+from tests.helpers import unique_texts, wait_until
 
 FAST, SLOW = QueueState(1, 3000.0, 0), QueueState(1, 100.0, 0)
 
@@ -34,15 +34,11 @@ def test_decide(n, states, expected):
 
 
 @pytest.fixture
-def other_db(redis_client):
-    """An empty Redis database of its own (12), for heartbeats written by hand."""
-    import redis
+def other_db(side_redis):
+    """An empty Redis database of its own, for heartbeats written by hand."""
+    from embedq.broker.client import connect
 
-    kwargs = redis_client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        pytest.skip("needs a TCP Redis for a second database")
-    client = redis.Redis(host=kwargs["host"], port=kwargs["port"], db=12)
-    client.flushdb()
+    client = connect(side_redis(12))
     yield client
     client.flushdb()
 
@@ -66,9 +62,7 @@ def test_heartbeats_drive_the_choice(other_db, runtime):
 
 
 def test_tasks_are_routed_and_counted(celery_worker, redis_client):
-    deadline = time.monotonic() + 10
-    while not read_heartbeats(redis_client).get("gpu") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: read_heartbeats(redis_client).get("gpu"), 10, 0.1, "a gpu heartbeat")
     time.sleep(router.CACHE_S)  # let the router read the fresh heartbeats
     before = dict(router.decisions)
     big = embed_texts.delay(unique_texts(80, "routed")).get(timeout=120)

@@ -10,8 +10,7 @@ import pytest
 
 from embedq.broker.tls import tls_options
 from embedq.errors import ConfigurationError
-from tests.test_faults import WORKER, free_port, isolated_env, logged_worker, port_answers
-from tests.test_processes import run_client
+from tests.helpers import embed_in_client, free_port, isolated_env, port_answers, worker
 
 PASSWORD = "tls-" + uuid.uuid4().hex[:12]
 
@@ -110,10 +109,10 @@ def test_rediss_url_with_password_carries_a_whole_embedding_round_trip(tmp_path)
             f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
             f"?ssl_cert_reqs=required&ssl_ca_certs={certs['ca']}"
         )
-        env = isolated_env(tmp_path, url)
+        environ = isolated_env(tmp_path, url)
         log = tmp_path / "worker.log"
-        with logged_worker(WORKER, env, log):
-            result = run_client(env, texts=["over", "tls", "please"])
+        with worker(environ, log, ready=False):
+            result = embed_in_client(environ, texts=["over", "tls", "please"])
         assert result["shape"] == [3, 384]
         assert PASSWORD not in log.read_text()
     finally:

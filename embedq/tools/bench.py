@@ -19,13 +19,10 @@ import gc
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ import numpy as np
 from embedq.broker.client import connect
 from embedq.broker.results import get_result
 from embedq.errors import ConfigurationError
+from embedq.tools.procs import worker
 
 DATASETS = ("sick", "pydoc", "mixed")
 DEVICE_QUEUES = {"cpu": "cpu", "cuda": "gpu"}
@@ -84,18 +82,6 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
         "p50_ms": round(float(np.percentile(seconds, 50)) * 1000, 2),
         "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 2),
     }
-
-
-@contextmanager
-def worker(queue: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """An ``embedq worker`` subprocess of ``queue``, warm-stopped at the end."""
-    cmd = [sys.executable, "-m", "embedq.cli", "worker", "--queue", queue, "--loglevel", "WARNING"]
-    proc = subprocess.Popen(cmd, env=os.environ | env)
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 def raw_model(device: str) -> Any:
@@ -192,7 +178,7 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
     flush = connect(opts.redis_url).flushdb
     flush()
     env = {"EMBEDQ_REDIS_URL": opts.redis_url, "EMBEDQ_LRU_ITEMS": "1", "EMBEDQ_DEVICE": device}
-    with worker(queue, env):
+    with worker(queue, env, stop_timeout_s=120):
         get_result(embed_texts_async(["warm-up"], queue), WORKER_START_TIMEOUT_S)
         piped, budgets = {}, {}
         for name, texts in data.items():

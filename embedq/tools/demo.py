@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +9,8 @@ import time
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from embedq.tools import procs
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -22,19 +22,12 @@ TEXTS = [
 
 
 def _start_worker(redis_url: str) -> subprocess.Popen[bytes]:
-    env = os.environ | {"EMBEDQ_REDIS_URL": redis_url, "EMBEDQ_WORKER_CONCURRENCY": "4"}
-    cmd = [sys.executable, "-m", "embedq.cli", "worker", "--queue", "cpu", "--loglevel", "WARNING"]
-    return subprocess.Popen(cmd, env=env)
+    env = {"EMBEDQ_REDIS_URL": redis_url, "EMBEDQ_WORKER_CONCURRENCY": "4"}
+    return procs.start(procs.worker_command("cpu", loglevel="WARNING"), env)
 
 
 def _stop_worker(proc: subprocess.Popen[bytes], console: Console) -> int:
-    # SIGTERM is Celery's warm shutdown: finish running tasks, then exit.
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = proc.wait()
+    code = procs.stop(proc)  # SIGTERM is Celery's warm shutdown: finish tasks, then exit
     console.print(
         f"worker stopped cleanly (exit code {code})" if code == 0 else f"worker exit {code}"
     )

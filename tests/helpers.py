@@ -1,0 +1,245 @@
+"""What several test modules share: paths and data, waiting, worker and client processes,
+private redis-servers. Test modules import from here (never from one another)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from embedq.tools import procs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+# The session's scratch folder (its SQLite store, data dir, ONNX exports).
+TMP = Path(tempfile.mkdtemp(prefix="embedq-tests-"))
+WORKER = [str(BIN / "embedq"), "worker", "--queue", "cpu"]
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    interval_s: float = 0.2,
+    message: str | Callable[[], str] = "the condition",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call ``predicate`` every ``interval_s`` until it returns something true, and return
+    that; fail the test after ``timeout_s``. Exceptions of the ``ignore`` types (a server not
+    listening yet) count as false. ``message`` may be a callable, asked only on failure."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if result := predicate():
+                return result
+        except ignore:
+            pass
+        if time.monotonic() >= deadline:
+            said = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {said}")
+        time.sleep(interval_s)
+
+
+def env(**overrides: str | None) -> dict[str, str]:
+    """This process's environment with ``overrides`` (``None`` removes a variable)."""
+    result = dict(os.environ)
+    for key, value in overrides.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = value
+    return result
+
+
+@contextmanager
+def workers(
+    environ: dict[str, str],
+    logs: list[Path],
+    cmd: list[str] = WORKER,
+    hostnames: list[str] | None = None,
+    ready: bool = True,
+    timeout_s: float = 300,
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One worker process per log file, all started at once, each with its output in its log
+    (a pipe nobody reads would stall it). ``ready``: wait until every one beats (its model
+    is loaded and it takes tasks). Stopped with SIGTERM (warm shutdown), then SIGKILL."""
+    with ExitStack() as stack:
+        started: list[subprocess.Popen[bytes]] = []
+        stack.callback(lambda: procs.stop(*started))  # all at once: their shutdowns overlap
+        for i, log in enumerate(logs):
+            out = stack.enter_context(log.open("ab"))
+            name = ["--hostname", hostnames[i]] if hostnames else []
+            started.append(procs.start([*cmd, *name], environ, output=out, cwd=ROOT))
+        if ready:
+            try:
+                procs.wait_ready(started, environ["EMBEDQ_REDIS_URL"], "cpu", timeout_s=timeout_s)
+            except RuntimeError as exc:
+                tails = "\n".join(log.read_text(errors="replace")[-2000:] for log in logs)
+                raise AssertionError(f"{exc}\n{tails}") from None
+        yield started
+
+
+@contextmanager
+def process(cmd: list[str], environ: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """Any server process (Flower, honcho and its children) in a session of its own, its
+    output in ``log``; stopped with SIGTERM to the whole session, then SIGKILL."""
+    with log.open("ab") as out:
+        proc = procs.start(cmd, environ, output=out, cwd=ROOT, group=True)
+        try:
+            yield proc
+        finally:
+            procs.stop(proc)
+
+
+def isolated_env(tmp_path: Path, redis_url: str, **extra: str) -> dict[str, str]:
+    """For worker and client processes: their own Redis, SQLite file and data folder."""
+    return env(
+        EMBEDQ_REDIS_URL=redis_url,
+        EMBEDQ_DATABASE_URL=f"sqlite:///{tmp_path / 'worker.db'}",
+        EMBEDQ_DATA_DIR=str(tmp_path / "data"),
+        EMBEDQ_WORKER_CONCURRENCY="4",
+        EMBEDQ_METRICS_PORT="0",
+        **extra,
+    )
+
+
+@contextmanager
+def worker(
+    environ: dict[str, str], log: Path, cmd: list[str] = WORKER, ready: bool = True
+) -> Iterator[subprocess.Popen[bytes]]:
+    """One worker process (see :func:`workers`)."""
+    with workers(environ, [log], cmd, ready=ready) as (proc,):
+        yield proc
+
+
+def run_client(environ: dict[str, str], code: str, *args: str, timeout_s: float = 180) -> str:
+    """Python ``code`` in a client process of ``environ`` (its own Celery app and settings);
+    fails the test unless it exits 0; the last line it printed."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=environ,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+EMBED_CLIENT = """
+import json, sys
+from embedq.tasks import embed_texts
+args = json.loads(sys.argv[1])
+vectors = embed_texts.delay(args["texts"], collection=args.get("collection"),
+                            ids=args.get("ids")).get(timeout=120)
+print(json.dumps({"shape": list(vectors.shape), "type": type(vectors).__name__,
+                  "norms": [float((v * v).sum()) for v in vectors]}))
+"""
+
+
+def embed_in_client(environ: dict[str, str], **args: object) -> dict[str, Any]:
+    """``embed_texts(**args)`` from a client process: the result's shape, type and norms."""
+    return json.loads(run_client(environ, EMBED_CLIENT, json.dumps(args)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_answers(port: int, timeout_s: float = 10) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` within ``timeout_s``."""
+    try:
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), 0.2).close() or True,
+            timeout_s,
+            0.1,
+            f"port {port}",
+            ignore=(OSError,),
+        )
+    except AssertionError:
+        return False
+    return True
+
+
+class RedisServer:
+    """A private redis-server on a free port; ``restart`` after a ``SHUTDOWN`` starts it
+    again with the same files. Every process it started is killed at the end."""
+
+    def __init__(self, folder: Path, password: str | None = None, durable: bool = False):
+        if not shutil.which("redis-server"):
+            pytest.skip("redis-server (Debian package) is not installed")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port, self.password = free_port(), password
+        self.cmd = ["redis-server", "--port", str(self.port), "--dir", str(folder), "--save", ""]
+        self.cmd += ["--maxmemory-policy", "noeviction"]
+        # AOF fsync always, as docs/reliability.md advises (for the restart test).
+        self.cmd += ["--appendonly", "yes", "--appendfsync", "always"] if durable else []
+        self.cmd += ["--requirepass", password] if password else []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.restart()
+
+    def restart(self) -> None:
+        self.procs.append(
+            subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+        if not port_answers(self.port):
+            raise RuntimeError(f"redis-server did not start: {self.cmd}")
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def redis_server(folder: Path, **options: Any) -> Iterator[RedisServer]:
+    server = RedisServer(folder, **options)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def load_pydoc() -> list[dict[str, str]]:
+    """The 3,795 CPython docstrings of ../shared/data/pydoc.jsonl."""
+    path = SHARED_DATA / "pydoc.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is not there")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_sick(split: str = "SICK_test_annotated.txt") -> list[tuple[str, str, float]]:
+    """SICK sentence pairs with relatedness (1-5)."""
+    path = SHARED_DATA / "sick" / split
+    if not path.exists():
+        pytest.skip(f"{path} is not there")
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
+    return [(r[1], r[2], float(r[3])) for r in rows]
+
+
+def unique_texts(n: int, tag: str = "") -> list[str]:
+    """``n`` texts never embedded before (so they miss every cache)."""
+    run = uuid.uuid4().hex[:8]
+    return [f"{tag} sentence {i} about topic {run}-{i * 7919 % 1000}" for i in range(n)]
