@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from sqlalchemy import text
 
+from embedq.keys import content_hash
+from embedq.store.factory import create_store
 from embedq.tools import procs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,3 +246,66 @@ def unique_texts(n: int, tag: str = "") -> list[str]:
     """``n`` texts never embedded before (so they miss every cache)."""
     run = uuid.uuid4().hex[:8]
     return [f"{tag} sentence {i} about topic {run}-{i * 7919 % 1000}" for i in range(n)]
+
+
+def corpus(path: Path, n: int) -> list[dict[str, str]]:
+    """``n`` distinct short documents, written as JSONL."""
+    run = uuid.uuid4().hex[:8]
+    docs = [
+        {"id": f"doc-{i}", "text": f"Document {i} of run {run} is about topic {i * 7919 % 997}."}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return docs
+
+
+def start_ingest(
+    path: Path, collection: str, env: dict[str, str], *extra: str
+) -> subprocess.Popen[str]:
+    """``embedq ingest PATH --json`` into ``collection`` as a subprocess (stdout, stderr piped)."""
+    cmd = [str(BIN / "embedq"), "ingest", str(path), "--collection", collection, "--json"]
+    return subprocess.Popen(
+        [*cmd, *extra], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout_s: float = 600) -> dict[str, object]:
+    """Wait for an ingest started by :func:`start_ingest`; assert exit 0; its JSON summary."""
+    out, err = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_rows(store: Any, collection: str, at_least: int, timeout_s: float = 300) -> int:
+    """Wait until ``collection`` holds at least ``at_least`` rows; the count then."""
+    return wait_until(
+        lambda: (n := store.count(collection)) >= at_least and n,
+        timeout_s,
+        0.2,
+        lambda: f"{at_least} rows in {collection!r} (only {store.count(collection)})",
+    )
+
+
+def audit(db_url: str, collection: str, docs: list[dict[str, str]]) -> dict[str, int]:
+    """Rows per id and whether each row holds its own text: lost and duplicated counts."""
+    store = create_store(db_url)
+    with store.engine.connect() as conn:  # type: ignore[attr-defined]
+        rows = conn.execute(
+            text(
+                "SELECT external_id, content_hash, COUNT(*) FROM embedq_items "
+                "WHERE collection = :c GROUP BY external_id, content_hash"
+            ),
+            {"c": collection},
+        ).all()
+    store.close()
+    stored = {row[0]: row[1] for row in rows}
+    expected = {d["id"]: content_hash(d["text"]) for d in docs}
+    figures = {
+        "attempted": len(docs),
+        "stored": sum(1 for i, h in expected.items() if stored.get(i) == h),
+        "lost": sum(1 for i in expected if i not in stored),
+        "duplicated": sum(int(row[2]) - 1 for row in rows),
+        "wrong": sum(1 for i, h in stored.items() if expected.get(i) != h),
+    }
+    print(f"\nFIGURES {collection}: {json.dumps(figures)}")
+    return figures

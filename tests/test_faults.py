@@ -11,18 +11,16 @@ import contextlib
 import json
 import resource
 import signal
-import subprocess
 import sys
 import textwrap
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import event, text
+from sqlalchemy import event
 
 from embedq import codec
 from embedq.broker.client import connect
@@ -34,11 +32,14 @@ from embedq.search.loader import IndexCache
 from embedq.store.base import Item
 from embedq.store.factory import create_store
 from tests.helpers import (
-    BIN,
-    ROOT,
+    audit,
+    corpus,
+    finish,
     isolated_env,
     redis_server,
     run_client,
+    start_ingest,
+    wait_rows,
     wait_until,
     worker,
     workers,
@@ -52,64 +53,6 @@ FAST_REDELIVERY = {"EMBEDQ_TASK_TIME_LIMIT_S": "15", "EMBEDQ_TASK_SOFT_TIME_LIMI
 
 
 PASSWORD = "pw-" + uuid.uuid4().hex[:12]
-
-
-def corpus(path: Path, n: int) -> list[dict[str, str]]:
-    """``n`` distinct short documents, written as JSONL."""
-    run = uuid.uuid4().hex[:8]
-    docs = [
-        {"id": f"doc-{i}", "text": f"Document {i} of run {run} is about topic {i * 7919 % 997}."}
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    return docs
-
-
-def start_ingest(path: Path, collection: str, env: dict[str, str], *extra: str):
-    cmd = [str(BIN / "embedq"), "ingest", str(path), "--collection", collection, "--json"]
-    return subprocess.Popen(
-        [*cmd, *extra], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout_s: float = 600) -> dict[str, object]:
-    out, err = proc.communicate(timeout=timeout_s)
-    assert proc.returncode == 0, (out + err)[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def wait_rows(store, collection: str, at_least: int, timeout_s: float = 300) -> int:
-    return wait_until(
-        lambda: (n := store.count(collection)) >= at_least and n,
-        timeout_s,
-        0.2,
-        lambda: f"{at_least} rows in {collection!r} (only {store.count(collection)})",
-    )
-
-
-def audit(db_url: str, collection: str, docs: list[dict[str, str]]) -> dict[str, int]:
-    """Rows per id and whether each row holds its own text: lost and duplicated counts."""
-    store = create_store(db_url)
-    with store.engine.connect() as conn:  # type: ignore[attr-defined]
-        rows = conn.execute(
-            text(
-                "SELECT external_id, content_hash, COUNT(*) FROM embedq_items "
-                "WHERE collection = :c GROUP BY external_id, content_hash"
-            ),
-            {"c": collection},
-        ).all()
-    store.close()
-    stored = {row[0]: row[1] for row in rows}
-    expected = {d["id"]: content_hash(d["text"]) for d in docs}
-    figures = {
-        "attempted": len(docs),
-        "stored": sum(1 for i, h in expected.items() if stored.get(i) == h),
-        "lost": sum(1 for i in expected if i not in stored),
-        "duplicated": sum(int(row[2]) - 1 for row in rows),
-        "wrong": sum(1 for i, h in stored.items() if expected.get(i) != h),
-    }
-    print(f"\nFIGURES {collection}: {json.dumps(figures)}")
-    return figures
 
 
 def redelivered(url: str) -> int:

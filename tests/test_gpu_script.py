@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA
+from tests.helpers import ROOT, SHARED_DATA
 
 pytestmark = pytest.mark.skipif(
     not (SHARED_DATA / "sick").is_dir(), reason=f"{SHARED_DATA} is not there"

@@ -108,3 +108,16 @@ def test_producers_and_the_api_never_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]", out.stdout[:500]
+
+
+def test_no_test_module_imports_another():
+    # Shared test code lives in tests/helpers.py (and fixtures in conftest.py).
+    offenders = [
+        f"{path.name}: {line.strip()}"
+        for path in sorted(ROOT.glob("tests/*.py"))
+        for line in path.read_text().splitlines()
+        if line.strip().startswith(
+            ("from tests.test_", "import tests.test_", "from tests.conftest")
+        )
+    ]
+    assert not offenders, offenders

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, event, inspect, make_url, text
 from embedq.store import migrations
 from embedq.store.base import Fingerprint, Item, meta_hash
 from embedq.store.factory import create_store
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # What `SQLStore` created before Alembic (git show <release>:embedq/store/sql.py), as DDL.
 RELEASE_DDL = {

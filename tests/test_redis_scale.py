@@ -40,7 +40,8 @@ from embedq.ops.status import build_report, memory_alerts
 from embedq.producer.bulk import IngestSummary
 from embedq.producer.progress import ingest_progress
 from embedq.worker.cache import RedisCache
-from tests.conftest import ROOT
+from tests import helpers
+from tests.helpers import ROOT
 
 FILLER_KEYS = 300_000
 # The bound on what 300,000 unrelated keys may add to one read.
@@ -349,9 +350,7 @@ def test_a_task_taken_while_redis_is_full_is_held_then_acked(tmp_path):
 
 
 def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    from tests.test_processes import BIN
-
-    cmd = [str(BIN / "embedq"), "worker", "--queue", "cpu"]
+    cmd = [str(helpers.BIN / "embedq"), "worker", "--queue", "cpu"]
     with log.open("a") as handle:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=handle, stderr=handle)
 
@@ -366,9 +365,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _env(tmp_path: Path, url: str) -> dict[str, str]:
-    from tests.test_processes import _env as process_env
-
-    return process_env(
+    return helpers.env(
         EMBEDQ_REDIS_URL=url,
         EMBEDQ_DATABASE_URL=f"sqlite:///{tmp_path / 'scale.db'}",
         EMBEDQ_DATA_DIR=str(tmp_path / "data"),
@@ -378,10 +375,8 @@ def _env(tmp_path: Path, url: str) -> dict[str, str]:
 
 
 def _ingest(tmp_path: Path, env: dict[str, str], n: int) -> tuple[subprocess.Popen[str], list]:
-    from tests.test_faults import corpus, start_ingest
-
-    docs = corpus(tmp_path / "docs.jsonl", n)
-    return start_ingest(tmp_path / "docs.jsonl", "scale", env), docs
+    docs = helpers.corpus(tmp_path / "docs.jsonl", n)
+    return helpers.start_ingest(tmp_path / "docs.jsonl", "scale", env), docs
 
 
 @pytest.mark.slow
@@ -392,14 +387,13 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
     from embedq.api import create_app
     from embedq.broker.client import MemoryWatch
     from embedq.store.factory import create_store
-    from tests.test_faults import audit, wait_rows
 
     with private_redis(tmp_path, "--maxmemory-policy", "noeviction") as url:
         env, log, client = _env(tmp_path, url), tmp_path / "worker.log", connect(url)
         worker = _worker(env, log)
         ingest, docs = _ingest(tmp_path, env, 2000)
         try:
-            wait_rows(create_store(env["EMBEDQ_DATABASE_URL"]), "scale", 300)
+            helpers.wait_rows(create_store(env["EMBEDQ_DATABASE_URL"]), "scale", 300)
             # Full at once: under what it uses, so freeing a little does not end it.
             client.config_set("maxmemory", int(read_memory(client).used * 0.9))
             time.sleep(12)
@@ -417,7 +411,7 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
             _stop(worker)
     text = log.read_text()
     summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-    figures = audit(env["EMBEDQ_DATABASE_URL"], "scale", docs)
+    figures = helpers.audit(env["EMBEDQ_DATABASE_URL"], "scale", docs)
     print(f"\nFIGURES full mid-ingest: waits {summary.get('redis_full_waits')}, {figures}")
     assert ingest.returncode == 0, (out + err)[-3000:]
     assert alive and "Unrecoverable error" not in text, text[-3000:]
@@ -447,11 +441,11 @@ def _worker_beating(client: redis.Redis) -> Iterator[None]:
         heartbeat.stop()
 
 
-@pytest.mark.slow
+# ~4 min on 2 cores: a soak (make soak); its figures are in docs/reliability.md. make test
+# keeps the full-Redis mid-ingest run above.
+@pytest.mark.soak
 @pytest.mark.timeout(1500)
 def test_ingest_of_15000_documents_through_a_24mb_redis(tmp_path):
-    from tests.test_faults import audit
-
     config = ("--maxmemory", "24mb", "--maxmemory-policy", "noeviction")
     with private_redis(tmp_path, *config) as url:
         env, log, client = _env(tmp_path, url), tmp_path / "worker.log", connect(url)
@@ -468,7 +462,7 @@ def test_ingest_of_15000_documents_through_a_24mb_redis(tmp_path):
             ingest.kill()
             _stop(worker)
     text = log.read_text()
-    figures = audit(env["EMBEDQ_DATABASE_URL"], "scale", docs)
+    figures = helpers.audit(env["EMBEDQ_DATABASE_URL"], "scale", docs)
     peak = round(int(memory["used_memory_peak"]) / 2**20, 1)
     print(f"\nFIGURES 24mb: {wall_s:.0f} s, peak {peak} MiB, {cached} vectors cached, {figures}")
     assert ingest.returncode == 0, (out + err)[-3000:]

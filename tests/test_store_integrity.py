@@ -35,7 +35,7 @@ from embedq.store.base import Fingerprint, Item, meta_hash, now_version
 from embedq.store.engine import RetryPolicy
 from embedq.store.factory import create_store
 from embedq.worker.runtime import Runtime, get_runtime
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 BIN = Path(sys.executable).parent
 PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
