@@ -63,7 +63,6 @@ def test_unanswered_default_falls_back_to_embedded_redis(tmp_path):
     code = textwrap.dedent(
         """
         from embedq.broker.client import connect
-from embedq.ops.heartbeat import read_heartbeats
         from embedq.broker.url import redis_url
         url = redis_url(default="redis://127.0.0.1:1/0")
         print(url, connect(url).ping())
