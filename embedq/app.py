@@ -43,6 +43,9 @@ def broker_transport_options(restore_s: int) -> dict[str, Any]:
         # A worker killed inside a sweep leaves the sweep's lock behind: kombu's 300 s
         # default would hold every restore back that long.
         "unacked_mutex_expire": max(5, restore_s // 2),
+        # One Redis list per queue (embedq sets no priorities), so a worker can take a message
+        # atomically into its landing list (embedq.broker.landing) instead of BRPOP's four.
+        "priority_steps": [0],
     }
 
 

@@ -55,3 +55,13 @@ def rate_key(api_key_id: str, minute: int) -> str:
 def delivery_key(task_id: str, retries: int) -> str:
     """Counts how often one attempt of one task was handed to a worker."""
     return f"{DELIVERY_PREFIX}:{task_id}:{retries}"
+
+
+# The sorted set of landing lists (score: last lease renewal); each list is LANDING_PREFIX:...
+LANDING_PREFIX = f"{PREFIX}:landing"
+
+
+def landing_key(queue: str, channel_id: str) -> str:
+    """List where a message one worker channel fetched from ``queue`` waits until kombu has
+    recorded it in ``unacked`` (see :mod:`embedq.broker.landing`)."""
+    return f"{LANDING_PREFIX}:{queue}:{channel_id}"

@@ -27,7 +27,8 @@ import redis
 from sqlalchemy import text
 
 from embedq.app import broker_transport_options
-from embedq.keys import DELIVERY_PREFIX, content_hash
+from embedq.broker.landing import queue_of, register, restore_expired
+from embedq.keys import DELIVERY_PREFIX, LANDING_PREFIX, content_hash, landing_key
 from embedq.store.factory import create_store
 from embedq.worker.leases import REDELIVERED_KEY, TaskLeases, held_tags, index_key, renew
 from tests.conftest import ROOT
@@ -171,14 +172,14 @@ def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, 
     )
     try:
         with logged_worker(WORKER, env, log) as first:
-            wait_rows(store, "killed", 600, ingest)
+            wait_rows(store, "killed", 500, ingest)
             first.send_signal(signal.SIGKILL)
             killed = time.monotonic()
             first.wait()
             at_kill, held = store.count("killed"), broker.hlen("unacked")
         with logged_worker(WORKER, env, log):
             first_new_row_s = _first_new_row_s(store, "killed", at_kill, killed, ingest)
-            out, _ = ingest.communicate(timeout=600)
+            out = _finish_or_explain(ingest, broker, killed + KILL_TO_EXIT_S + 30)
             kill_to_exit_s = time.monotonic() - killed
     finally:
         ingest.kill()
@@ -187,7 +188,7 @@ def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, 
     again = int(broker.get(REDELIVERED_KEY) or 0)
     print(
         f"\nFIGURES kill -9 at {at_kill}/4000 stored, {held} tasks held by the dead worker; "
-        f"first row from a restored task {first_new_row_s:.1f} s after the kill; ingest exit "
+        f"first new row {first_new_row_s:.1f} s after the kill; ingest exit "
         f"{kill_to_exit_s:.1f} s after the kill; {again} redelivered; {json.dumps(figures)}"
     )
     assert ingest.returncode == 0, out[-3000:]
@@ -196,6 +197,63 @@ def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, 
     assert summary["failed"] == 0 and summary["stored"] + summary["skipped"] == 4000
     assert figures == {"stored": 4000, "lost": 0, "duplicated": 0, "wrong": 0}
     assert kill_to_exit_s <= KILL_TO_EXIT_S, (log.read_text()[-3000:], kill_to_exit_s)
+
+
+# The real worker, killed (as by the kernel) in the gap kombu's BRPOP leaves: the message
+# is off its queue and not yet recorded in ``unacked``.
+DIES_TAKING_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from kombu.transport import redis as kombu_redis
+    real_append = kombu_redis.QoS.append
+
+    def append(self, message, delivery_tag):
+        if "die-in-flight-mark" in str(message.decode()):
+            os._exit(137)
+        return real_append(self, message, delivery_tag)
+
+    kombu_redis.QoS.append = append
+    from embedq.cli import main
+    sys.argv = ["embedq", "worker", "--queue", "cpu"]
+    main()
+    """
+)
+
+
+def test_a_message_whose_worker_died_taking_it_comes_back(tmp_path, broker_url):
+    env = default_env(tmp_path, broker_url)
+    broker, log = redis.Redis.from_url(broker_url), tmp_path / "worker.log"
+    with logged_worker([sys.executable, "-c", DIES_TAKING_WORKER], env, log) as first:
+        client = subprocess.Popen(
+            [sys.executable, "-c", SEND.replace("slow-lease-mark", "die-in-flight-mark")],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert first.wait(timeout=240) == 137, log.read_text()[-3000:]
+        died = time.monotonic()
+    queued, unacked = broker.llen("cpu"), broker.hlen("unacked")
+    with logged_worker(WORKER, env, log):
+        out, _ = client.communicate(timeout=120)  # a lost message never comes
+        back_s = time.monotonic() - died
+    print(f"\nFIGURES died taking a message: answered {back_s:.1f} s after the death")
+    assert (queued, unacked) == (0, 0), "the message was neither queued nor unacked"
+    assert client.returncode == 0 and json.loads(out.strip().splitlines()[-1]) == [2, 384]
+    assert back_s <= 60
+
+
+def _finish_or_explain(ingest: subprocess.Popen, broker: redis.Redis, deadline: float) -> str:
+    """The ingest's output once it exits; fails (saying where the work is) past ``deadline``."""
+    try:
+        return ingest.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+    except subprocess.TimeoutExpired:
+        queued, unacked = broker.llen("cpu"), broker.hlen("unacked")
+        ingest.kill()
+        # Nothing queued or held, yet the ingest waits: a message the dead worker had taken
+        # with BRPOP but not yet recorded in ``unacked`` died with it (kombu's Redis transport
+        # is not atomic there); only the producer's re-send, minutes later, brings it back.
+        pytest.fail(f"ingest still running past the bound: {queued} queued, {unacked} unacked")
 
 
 def _first_new_row_s(store, collection: str, at_kill: int, killed: float, ingest) -> float:
@@ -308,9 +366,24 @@ def test_renewal_touches_only_tags_still_unacked(broker_url):
     assert dict(client.zrange(key, 0, -1, withscores=True)) == {b"held": 1000.0, b"dirty": 1.0}
 
 
+def test_a_dead_workers_landing_list_goes_back_to_its_queue_and_a_live_ones_stays(broker_url):
+    client = redis.Redis.from_url(broker_url)
+    dead, live = landing_key("cpu", "dead"), landing_key("gpu:big", "live")
+    assert queue_of(live) == "gpu:big"
+    client.lpush(dead, b"m1", b"m2")
+    client.lpush(live, b"m3")
+    register(client, [dead], 1000.0)
+    register(client, [live], 2000.0)
+    assert restore_expired(client, older_than=1500.0) == 2
+    assert sorted(client.lrange("cpu", 0, -1)) == [b"m1", b"m2"]
+    assert client.lrange(live, 0, -1) == [b"m3"] and client.llen("gpu:big") == 0
+    assert client.zrange(LANDING_PREFIX, 0, -1) == [live.encode()]
+    assert restore_expired(client, older_than=1500.0) == 0, "moved once, never twice"
+
+
 def test_a_renewal_that_cannot_reach_redis_is_logged_and_survived(caplog):
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
-    leases = TaskLeases(dead, _Consumer(["a"], set()), interval_s=0.05)
+    leases = TaskLeases(dead, _Consumer(["a"], set()), interval_s=0.05, restore_s=30)
     leases.start()
     time.sleep(0.5)
     leases.stop()

@@ -8,8 +8,10 @@ import redis
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
+from embedq.broker.landing import ReliableFetch
 
-class _RedisChannel(kombu_redis.Channel):
+
+class _RedisChannel(ReliableFetch, kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # A task that outlived a Redis restart acks on its old channel, whose connection
         # Celery has already closed (kombu then fails with AttributeError, which stops the

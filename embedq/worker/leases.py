@@ -14,6 +14,10 @@ one ``ZADD unacked_index XX`` (XX: a tag acked meanwhile is not added back). A r
 never restored however long it runs; a dead worker's tags stop being renewed, and kombu's own
 sweep on any live worker restores them one timeout plus one sweep after its last renewal.
 
+The same beat renews the landing lists of the worker's channel (messages taken off a queue
+but not yet recorded as unacked, :mod:`embedq.broker.landing`) and returns to their queues the
+messages of landing lists whose lease expired.
+
 A worker cut off from Redis for longer than the timeout loses its leases: its tasks run again
 elsewhere. That double run is harmless (every store write is an idempotent upsert) and is
 counted (:func:`count_redelivery`).
@@ -30,6 +34,7 @@ import redis
 from prometheus_client import Counter
 
 from embedq.broker.client import incr_with_ttl
+from embedq.broker.landing import register, restore_expired
 from embedq.keys import stats_key
 
 log = logging.getLogger(__name__)
@@ -56,19 +61,30 @@ def held_tags(consumer: Any) -> list[str]:
     kombu's QoS keeps them in ``_delivered`` (reserved, running, and retries waiting for their
     countdown, which Celery's own request lists miss) until their ack is flushed.
     """
-    qos = getattr(getattr(getattr(consumer, "task_consumer", None), "channel", None), "qos", None)
+    qos = getattr(_channel(consumer), "qos", None)
     delivered = getattr(qos, "_delivered", None) or {}
     dirty = getattr(qos, "_dirty", None) or set()
     # list() of a dict is one C call: the event loop cannot change it halfway.
     return [str(tag) for tag in list(delivered) if tag not in dirty]
 
 
+def _channel(consumer: Any) -> Any:
+    # Looked up each time: a reconnect gives the consumer a new channel.
+    return getattr(getattr(consumer, "task_consumer", None), "channel", None)
+
+
 def index_key(consumer: Any) -> str | None:
     """The ``unacked_index`` key of the worker's task channel, as stored in Redis."""
-    channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+    channel = _channel(consumer)
     if channel is None or not hasattr(channel, "unacked_index_key"):
         return None  # not the Redis transport: nothing to renew
     return f"{getattr(channel, 'global_keyprefix', '') or ''}{channel.unacked_index_key}"
+
+
+def landing_keys(consumer: Any) -> list[str]:
+    """The landing lists of the worker's task channel (:mod:`embedq.broker.landing`)."""
+    keys = getattr(_channel(consumer), "landing_keys", None)
+    return keys() if callable(keys) else []
 
 
 def renew(
@@ -89,10 +105,14 @@ def count_redelivery(client: redis.Redis) -> None:
 
 
 class TaskLeases:
-    """A daemon thread renewing the leases of the tasks one worker holds."""
+    """A daemon thread renewing the leases of the tasks one worker holds, and returning
+    the messages of dead workers' landing lists to their queues."""
 
-    def __init__(self, client: redis.Redis, consumer: Any, interval_s: float) -> None:
-        self.client, self.consumer, self.interval_s = client, consumer, interval_s
+    def __init__(
+        self, client: redis.Redis, consumer: Any, interval_s: float, restore_s: float
+    ) -> None:
+        self.client, self.consumer = client, consumer
+        self.interval_s, self.restore_s = interval_s, restore_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedq-leases", daemon=True)
         self._last_log = -LOG_EVERY_S
@@ -107,13 +127,20 @@ class TaskLeases:
         self._thread.join(timeout=10)
 
     def beat(self) -> int:
-        """Renew once; how many tags were renewed (0 after a failure, which is logged)."""
+        """Renew once, then sweep; how many tags were renewed (0 after a logged failure)."""
         try:
-            key, tags = index_key(self.consumer), held_tags(self.consumer)
-            if key is None or not tags:
-                return 0
-            renew(self.client, key, tags, time.time())
-            return len(tags)
+            now, tags = time.time(), held_tags(self.consumer)
+            pipe = self.client.pipeline(transaction=False)
+            key = index_key(self.consumer)
+            if key is not None:
+                renew(self.client, key, tags, now, pipe=pipe)
+            register(self.client, landing_keys(self.consumer), now, pipe=pipe)
+            pipe.execute()
+            if moved := restore_expired(self.client, now - self.restore_s):
+                log.warning(
+                    "returned %d message(s) a dead worker had fetched to their queue", moved
+                )
+            return len(tags) if key is not None else 0
         except Exception as exc:  # the worker must outlive any Redis error
             self._log_failure(exc)
             return 0

@@ -74,8 +74,8 @@ def _start_heartbeat(consumer: Any) -> None:
 def _start_leases(consumer: Any) -> None:
     # The consumer (in the parent, whatever the pool) holds the unacked messages: it renews
     # them, on a client of its own so a slow cache call never delays a renewal.
-    interval = lease_interval_s(get_settings().dead_worker_restore_s)
-    leases = TaskLeases(connect(), consumer, interval)
+    restore_s = get_settings().dead_worker_restore_s
+    leases = TaskLeases(connect(), consumer, lease_interval_s(restore_s), restore_s)
     leases.start()
     _leases.append(leases)
 
