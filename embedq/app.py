@@ -28,20 +28,38 @@ register_backend()
 app = Celery("embedq", include=["embedq.tasks", "embedq.worker.signals"])
 
 
+def broker_transport_options(restore_s: int) -> dict[str, Any]:
+    """kombu's Redis options: a dead worker's tasks back on their queue within ~1.25 x
+    ``restore_s`` (EMBEDQ_DEAD_WORKER_RESTORE_S).
+
+    The visibility timeout can be this short only because every live worker renews the
+    delivery time of the tasks it holds every few seconds (:mod:`embedq.worker.leases`):
+    kombu then restores only the tasks of workers that stopped renewing.
+    """
+    return {
+        "visibility_timeout": restore_s,
+        # kombu's sweep for expired deliveries: every quarter timeout, at most every 10 s
+        # (its default looks only every 100 s: 10 s interval x throttle 10).
+        "unacked_restore_interval": max(1.0, min(10.0, restore_s / 4)),
+        "unacked_restore_throttle": 1,
+        # A worker killed inside a sweep leaves the sweep's lock behind: kombu's 300 s
+        # default would hold every restore back that long.
+        "unacked_mutex_expire": max(5, restore_s // 2),
+        # One Redis list per queue (embedq sets no priorities), so a worker can take a message
+        # atomically into its landing list (embedq.broker.landing) instead of BRPOP's four.
+        "priority_steps": [0],
+    }
+
+
 def _config() -> dict[str, Any]:
     settings = get_settings()
     url = redis_url()
-    # The visibility timeout must outlast the hard time limit, or Redis redelivers
-    # a task that is still running.
-    transport = {"visibility_timeout": settings.task_time_limit_s * 2}
-    # A dead worker's unacked tasks come back one visibility timeout after delivery: look
-    # for them every 10 s (kombu's default looks every 100 s).
-    broker_transport = transport | {"unacked_restore_throttle": 1}
     return {
         "broker_url": url,
         "result_backend": url,
-        "broker_transport_options": broker_transport,
-        "result_backend_transport_options": transport,
+        "broker_transport_options": broker_transport_options(settings.dead_worker_restore_s),
+        # Results are not consumed through kombu's QoS: no visibility timeout applies there.
+        "result_backend_transport_options": {},
         # rediss:// URLs: TLS options for both (certificates and host names checked).
         "broker_use_ssl": connection_tls(url) or False,
         "redis_backend_use_ssl": connection_tls(url) or False,

@@ -70,3 +70,13 @@ def delivery_key(task_id: str, retries: int) -> str:
 def index_build_lock_key(collection: str) -> str:
     """The lock one collection's index build holds (expires unless its builder renews it)."""
     return f"{PREFIX}:lock:index:{collection}"
+
+
+# The sorted set of landing lists (score: last lease renewal); each list is LANDING_PREFIX:...
+LANDING_PREFIX = f"{PREFIX}:landing"
+
+
+def landing_key(queue: str, channel_id: str) -> str:
+    """List where a message one worker channel fetched from ``queue`` waits until kombu has
+    recorded it in ``unacked`` (see :mod:`embedq.broker.landing`)."""
+    return f"{LANDING_PREFIX}:{queue}:{channel_id}"

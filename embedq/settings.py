@@ -123,6 +123,13 @@ class Settings(BaseSettings):
         description="Deliveries of one task attempt to workers that died running it; "
         "the next one fails it as poison.",
     )
+    dead_worker_restore_s: int = Field(
+        30,
+        ge=5,
+        description="A task held by a worker that stopped renewing its lease (dead, or cut off "
+        "from Redis) goes back to its queue this long after the last renewal; running tasks "
+        "are renewed every few seconds, so this never limits a task's run time.",
+    )
     ingest_drain_timeout_s: float = Field(
         60.0, description="After Ctrl-C, how long ingest waits for the tasks in flight."
     )

@@ -12,6 +12,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
 from embedq.broker.client import describe, is_redis_full, throttled_warning, wait_while_full
+from embedq.broker.landing import ReliableFetch
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class _QoS(kombu_redis.QoS):
             return None
 
 
-class _RedisChannel(kombu_redis.Channel):
+class _RedisChannel(ReliableFetch, kombu_redis.Channel):
     QoS = _QoS
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:

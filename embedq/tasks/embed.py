@@ -16,6 +16,7 @@ from embedq.errors import INPUT_ERRORS, EncoderError, InvalidInputError, PoisonT
 from embedq.inputs import parse_embed_request, task_items
 from embedq.keys import delivery_key
 from embedq.settings import get_settings
+from embedq.worker.leases import count_redelivery
 from embedq.worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class EmbedTask(Task):
         if request.id and not request.is_eager:
             settings = get_settings()
             count = count_delivery(request.id, request.retries, _delivery_ttl_s(settings))
+            if count > 1:
+                # Its first worker died, or lost Redis past its lease (a rare double run,
+                # harmless: store writes are idempotent upserts).
+                count_redelivery(shared_client())
             if count > settings.task_max_deliveries:
                 raise PoisonTaskError(
                     f"task {request.id} was delivered {count} times and its worker died each "
@@ -84,8 +89,10 @@ class EmbedTask(Task):
 
 
 def _delivery_ttl_s(settings: Any) -> int:
-    # Outlives every redelivery: each comes one visibility timeout (2x the hard limit) later.
-    return settings.task_time_limit_s * 2 * (settings.task_max_deliveries + 2)
+    # Outlives every redelivery: each comes at most one hard limit plus one lease timeout
+    # after the previous one (doubled for margin).
+    per_delivery = settings.task_time_limit_s + settings.dead_worker_restore_s
+    return per_delivery * 2 * (settings.task_max_deliveries + 2)
 
 
 def retry_options() -> dict[str, Any]:

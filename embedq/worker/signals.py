@@ -16,12 +16,13 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from embedq.broker.client import check_eviction_policy, shared_client
+from embedq.broker.client import check_eviction_policy, connect, shared_client
 from embedq.errors import INPUT_ERRORS
 from embedq.inputs import task_items
 from embedq.ops import metrics, slo
 from embedq.ops.heartbeat import Heartbeat
 from embedq.settings import get_settings
+from embedq.worker.leases import TaskLeases, lease_interval_s
 from embedq.worker.runtime import close_runtime, get_runtime, slo_ttl_s
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ def _is_prefork(consumer: Any) -> bool:
 
 
 _heartbeats: list[Heartbeat] = []
+_leases: list[TaskLeases] = []
 
 
 def _load_or_stop() -> bool:
@@ -69,10 +71,20 @@ def _start_heartbeat(consumer: Any) -> None:
     _heartbeats.append(beat)
 
 
+def _start_leases(consumer: Any) -> None:
+    # The consumer (in the parent, whatever the pool) holds the unacked messages: it renews
+    # them, on a client of its own so a slow cache call never delays a renewal.
+    restore_s = get_settings().dead_worker_restore_s
+    leases = TaskLeases(connect(), consumer, lease_interval_s(restore_s), restore_s)
+    leases.start()
+    _leases.append(leases)
+
+
 @worker_ready.connect
 def _warm_up(sender: Any = None, **_: Any) -> None:
     # With prefork the parent forks children later: CUDA must not start in the parent.
     _warn_on_eviction()
+    _start_leases(sender)
     if not _is_prefork(sender) and _load_or_stop():
         _start_heartbeat(sender)
 
@@ -87,6 +99,8 @@ def _warm_up_child(**_: Any) -> None:
 def _shut_down(**_: Any) -> None:
     while _heartbeats:
         _heartbeats.pop().stop()
+    while _leases:
+        _leases.pop().stop()
     close_runtime()
 
 
