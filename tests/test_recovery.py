@@ -31,10 +31,10 @@ from embedq.broker.landing import queue_of, register, restore_expired
 from embedq.keys import DELIVERY_PREFIX, LANDING_PREFIX, content_hash, landing_key
 from embedq.store.factory import create_store
 from embedq.worker.leases import REDELIVERED_KEY, TaskLeases, held_tags, index_key, renew
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKER = [str(BIN / "embedq"), "worker", "--queue", "cpu"]
 # One ONNX export for every worker of this module (it is made once per data dir).
