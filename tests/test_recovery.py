@@ -43,6 +43,13 @@ DATA_DIR = Path(tempfile.mkdtemp(prefix="embedq-recovery-"))
 KILL_TO_EXIT_S = 90
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_data_dir() -> Iterator[None]:
+    """The ONNX export (tens of MiB) goes with the module's tests."""
+    yield
+    shutil.rmtree(DATA_DIR, ignore_errors=True)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
