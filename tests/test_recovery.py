@@ -31,16 +31,23 @@ from embedq.broker.landing import queue_of, register, restore_expired
 from embedq.keys import DELIVERY_PREFIX, LANDING_PREFIX, content_hash, landing_key
 from embedq.store.factory import create_store
 from embedq.worker.leases import REDELIVERED_KEY, TaskLeases, held_tags, index_key, renew
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKER = [str(BIN / "embedq"), "worker", "--queue", "cpu"]
 # One ONNX export for every worker of this module (it is made once per data dir).
 DATA_DIR = Path(tempfile.mkdtemp(prefix="embedq-recovery-"))
 # The issue's bound from the kill to the ingest's exit (restore within 60 s, then the rest).
 KILL_TO_EXIT_S = 90
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_data_dir() -> Iterator[None]:
+    """The ONNX export (tens of MiB) goes with the module's tests."""
+    yield
+    shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
 def free_port() -> int:
