@@ -40,9 +40,11 @@ browser:
 test: lint browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-# Only the soak and load runs; their figures are in docs/reliability.md.
+# Only the soak and load runs (pytest marker `soak`, then 100,000 documents through capped
+# Redis servers with a worker killed midway); their figures are in docs/reliability.md.
 soak: $(STAMP)
 	$(PY) -m pytest -q -ra -s -m soak $(PYTEST_ARGS)
+	$(PY) bench/soak.py --out bench-results/soak.json
 
 bench: $(STAMP)
 	$(VENV)/bin/embedq bench --repeats 3 --out bench-results

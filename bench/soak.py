@@ -354,6 +354,7 @@ def main() -> int:
     report = json.dumps(figures, indent=2)
     print(report)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report + "\n")
     return 1 if figures["failed_checks"] else 0
 
