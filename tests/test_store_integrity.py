@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from embedq.errors import StoreError
@@ -35,7 +34,7 @@ from embedq.store.base import Fingerprint, Item, meta_hash, now_version
 from embedq.store.engine import RetryPolicy
 from embedq.store.factory import create_store
 from embedq.worker.runtime import Runtime, get_runtime
-from tests.helpers import ROOT
+from tests.helpers import ROOT, audit, corpus, free_port
 
 BIN = Path(sys.executable).parent
 PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
@@ -269,12 +268,6 @@ def test_the_retry_budget_outlasts_a_failover_by_default():
 # A private Postgres, restarted mid-ingest ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class PrivatePostgres:
     """A throwaway cluster on a free port, run as the ``postgres`` user when we are root
@@ -320,7 +313,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     folder = Path(tempfile.mkdtemp(prefix="embedq-pg-"))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres")
-    pg = PrivatePostgres(folder, _free_port(), PG_BINS[-1])
+    pg = PrivatePostgres(folder, free_port(), PG_BINS[-1])
     try:
         pg.init()
         pg.start()
@@ -345,35 +338,6 @@ def _own_redis(db: int) -> str:
     url = url.rsplit("/", 1)[0] + f"/{db}"
     connect(url).flushdb()
     return url
-
-
-def _corpus(path: Path, n: int) -> list[dict[str, str]]:
-    run = uuid.uuid4().hex[:8]
-    docs = [
-        {"id": f"doc-{i}", "text": f"Note {i} of run {run}: topic {i * 7919 % 997}."}
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    return docs
-
-
-def _audit(url: str, collection: str, docs: list[dict[str, str]]) -> dict[str, int]:
-    store = create_store(url)
-    with store.engine.connect() as conn:  # type: ignore[attr-defined]
-        rows = conn.execute(
-            text("SELECT external_id, content_hash FROM embedq_items WHERE collection = :c"),
-            {"c": collection},
-        ).all()
-    store.close()
-    expected = {d["id"]: content_hash(d["text"]) for d in docs}
-    stored = dict(rows)
-    return {
-        "attempted": len(docs),
-        "stored": sum(1 for i, h in expected.items() if stored.get(i) == h),
-        "lost": sum(1 for i in expected if i not in stored),
-        "duplicated": len(rows) - len(stored),
-        "wrong": sum(1 for i, h in stored.items() if expected.get(i) != h),
-    }
 
 
 def _wait_rows(store, collection: str, at_least: int, timeout_s: float = 300) -> int:
@@ -422,7 +386,7 @@ def test_a_postgres_restart_mid_ingest_loses_and_duplicates_nothing(tmp_path):
             EMBEDQ_WORKER_CONCURRENCY="4",
             EMBEDQ_METRICS_PORT="0",
         )
-        docs = _corpus(tmp_path / "docs.jsonl", DOCUMENTS)
+        docs = corpus(tmp_path / "docs.jsonl", DOCUMENTS)
         collection, log = _unique("pg-restart"), tmp_path / "worker.log"
         store = create_store(pg.url)
         cmd = [
@@ -446,7 +410,7 @@ def test_a_postgres_restart_mid_ingest_loses_and_duplicates_nothing(tmp_path):
             restarted = time.monotonic() - stopped
             out, err = ingest.communicate(timeout=600)
         summary = json.loads(out.strip().splitlines()[-1])
-        figures = _audit(pg.url, collection, docs)
+        figures = audit(pg.url, collection, docs)
     retries = log.read_text(errors="replace").count("store: ")
     print(
         f"\nFIGURES pg-restart: stopped at {at_stop}, down {restarted:.1f} s, "

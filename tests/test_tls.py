@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from embedq.broker.tls import connection_tls
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,12 +94,6 @@ def _certificates(folder: Path, san: str) -> dict[str, str]:
     return {"ca": str(ca), "key": str(key), "crt": str(crt)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _answers(port: int, timeout_s: float = 10) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -115,7 +110,7 @@ def tls_redis(folder: Path, certs: dict[str, str]) -> Iterator[int]:
     """Debian's redis-server listening only on a TLS port (password required); yields it."""
     if not shutil.which("redis-server"):
         pytest.skip("redis-server (Debian package) is not installed")
-    port = _free_port()
+    port = free_port()
     cmd = ["redis-server", "--port", "0", "--tls-port", str(port), "--save", "", "--dir"]
     cmd += [str(folder), "--requirepass", PASSWORD, "--tls-auth-clients", "no"]
     cmd += ["--tls-cert-file", certs["crt"], "--tls-key-file", certs["key"]]
