@@ -8,9 +8,11 @@ import uuid
 import numpy as np
 import pytest
 
+from embedq.errors import ConfigurationError
 from embedq.search import build as indexes
 from embedq.search.build import blob_name, build_index, rebuild_changed
 from embedq.search.exact import exact_top_k, recall_at_k
+from embedq.search.factory import create_index
 from embedq.search.hnsw import HNSWIndex
 from embedq.search.loader import IndexCache
 from embedq.search.searcher import Searcher
@@ -59,6 +61,23 @@ def test_hnsw_recall_against_exact_search():
     assert recall_at_k(index, vectors, labels, sample=300) >= 0.98
     found, sims = index.query(vectors[:1], 1)
     assert found[0, 0] == 0 and sims[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_exact_index_is_a_backend_that_saves_loads_and_matches_exact_search(tmp_path):
+    vectors = _clustered(500, 12)
+    labels = np.arange(500, dtype=np.int64) + 1000
+    index = create_index("exact", DIM)
+    index.build(labels, vectors)
+    index.save(tmp_path / "exact.npz")
+    loaded = create_index("exact", DIM)
+    loaded.load(tmp_path / "exact.npz")
+    found, sims = loaded.query(vectors[:5], 10)
+    truth, truth_sims = exact_top_k(vectors[:5], vectors, labels, 10)
+    assert len(loaded) == 500 and (found == truth).all()
+    assert np.allclose(sims, truth_sims, atol=1e-5)
+    assert recall_at_k(loaded, vectors, labels, sample=50) == 1.0
+    with pytest.raises(ConfigurationError, match="hnsw, exact"):
+        create_index("annoy", DIM)
 
 
 def test_exact_top_k_orders_by_cosine():

@@ -12,6 +12,9 @@ class Index(ABC):
     """Cosine-space k-NN over float32 vectors labelled by store row keys."""
 
     dim: int
+    #: Query breadth: candidates a query explores (more: better recall, slower). The builder
+    #: raises it until recall holds; backends that always search everything ignore it.
+    ef: int = 0
 
     @abstractmethod
     def build(self, labels: np.ndarray, vectors: np.ndarray) -> None:

@@ -148,7 +148,7 @@ def _build_locked(
         "built_at": snap.taken_at.isoformat(),
         "count": len(snap.pks),
         "dim": dim,
-        "ef": getattr(index, "ef", None),
+        "ef": index.ef or None,
         "recall_at_10": round(recall, 4),
         "build_s": round(time.perf_counter() - started, 3),
         "sha256": sha256(data),
@@ -175,7 +175,7 @@ def _packed(index: Index, snap: Snapshot, folder: Path) -> bytes:
 def _tune_ef(index: Index, vectors: Any, labels: Any) -> float:
     recall = 0.0
     for ef in EF_STEPS:
-        index.ef = ef  # type: ignore[attr-defined]
+        index.ef = ef
         recall = recall_at_k(index, vectors, labels, RECALL_SAMPLE)
         if recall >= RECALL_TARGET:
             return recall

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from embedq.search.base import Index, normalize
@@ -35,3 +37,36 @@ def recall_at_k(
     found, _ = index.query(vectors[picks], k)
     hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True))
     return hits / truth.size
+
+
+class ExactIndex(Index):
+    """Every vector compared with every query: exact results, memory of the vectors
+    themselves. For small collections, and the reference the recall check uses."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._labels = np.zeros(0, dtype=np.int64)
+        self._vectors = np.zeros((0, dim), dtype=np.float32)
+
+    def build(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Keep normalized copies of ``vectors`` under ``labels``."""
+        self._labels = np.asarray(labels, dtype=np.int64).copy()
+        self._vectors = normalize(np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim))
+
+    def query(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top ``k`` (fewer when the index holds fewer)."""
+        queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        return exact_top_k(queries, self._vectors, self._labels, k)
+
+    def save(self, path: Path) -> None:
+        """Labels and vectors in numpy's ``.npz`` format."""
+        with Path(path).open("wb") as fh:
+            np.savez(fh, labels=self._labels, vectors=self._vectors)
+
+    def load(self, path: Path) -> None:
+        """Read a file written by :meth:`save`."""
+        with np.load(Path(path)) as data:
+            self._labels, self._vectors = data["labels"], data["vectors"]
+
+    def __len__(self) -> int:
+        return len(self._labels)

@@ -144,7 +144,7 @@ class IndexCache:
         index = create_index(INDEX_KIND, int(meta["dim"]))
         index.load(local)
         if meta.get("ef"):
-            index.ef = int(meta["ef"])  # type: ignore[attr-defined]
+            index.ef = int(meta["ef"])
         built_at = datetime.fromisoformat(meta["built_at"])
         for old in folder.glob("v*"):
             if not old.name.startswith(f"v{version}."):
