@@ -49,7 +49,11 @@ pytestmark = pytest.mark.slow
 
 # Short limits make Redis hand a dead worker's tasks to another within ~30 s
 # (the visibility timeout is twice the hard limit).
-FAST_REDELIVERY = {"EMBEDQ_TASK_TIME_LIMIT_S": "15", "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "12"}
+FAST_REDELIVERY = {
+    "EMBEDQ_TASK_TIME_LIMIT_S": "15",
+    "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "12",
+    "EMBEDQ_DEAD_WORKER_RESTORE_S": "10",
+}
 
 
 PASSWORD = "pw-" + uuid.uuid4().hex[:12]
@@ -61,31 +65,9 @@ def redelivered(url: str) -> int:
     return sum(int(client.get(k) or 0) > 1 for k in client.scan_iter(f"{DELIVERY_PREFIX}:*"))
 
 
-def test_kill_9_worker_mid_ingest_loses_and_duplicates_nothing(tmp_path, side_redis):
-    environ = isolated_env(tmp_path, side_redis(11), **FAST_REDELIVERY)
-    docs = corpus(tmp_path / "docs.jsonl", 5000)
-    store = create_store(environ["EMBEDQ_DATABASE_URL"])
-    log = tmp_path / "worker.log"
-    ingest = start_ingest(tmp_path / "docs.jsonl", "killed", environ)
-    try:
-        with worker(environ, log, ready=False) as first:
-            at_kill = wait_rows(store, "killed", 1500)
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-        with worker(environ, log, ready=False):
-            summary = finish(ingest)
-    finally:
-        ingest.kill()
-    figures = audit(environ["EMBEDQ_DATABASE_URL"], "killed", docs)
-    again = redelivered(environ["EMBEDQ_REDIS_URL"])
-    print(
-        f"kill -9 at {at_kill} stored; {again} tasks redelivered; summary stored "
-        f"{summary['stored']} skipped {summary['skipped']}"
-    )
-    assert again >= 1, "the killed worker held tasks that another worker then ran"
-    assert summary["failed"] == 0
-    assert summary["stored"] + summary["skipped"] == 5000
-    assert figures == {"attempted": 5000, "stored": 5000, "lost": 0, "duplicated": 0, "wrong": 0}
+# The kill -9 mid-ingest test lives in tests/test_recovery.py: default settings, every
+# assertion this file made (redelivered, none failed, each document stored once) and the
+# 90 s bound of the dead-worker issue.
 
 
 # make test stops Redis once; make soak (marker soak) stops it early, midway and late, for
@@ -224,7 +206,13 @@ def test_a_task_that_always_crashes_the_encoder_fails_after_bounded_retries(tmp_
 
 def test_a_task_that_kills_its_worker_is_stopped_as_poison(tmp_path, side_redis):
     url = side_redis(11)
-    limits = {"EMBEDQ_TASK_TIME_LIMIT_S": "5", "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "4"}
+    # A dead worker's task comes back after 8 s here (30 s by default): the test is about
+    # counting deliveries, not about how soon they come.
+    limits = {
+        "EMBEDQ_TASK_TIME_LIMIT_S": "5",
+        "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "4",
+        "EMBEDQ_DEAD_WORKER_RESTORE_S": "8",
+    }
     environ = isolated_env(tmp_path, url, FAULT="die", EMBEDQ_TASK_MAX_DELIVERIES="2", **limits)
     bad = send(environ, ["zyzzyva-poison"])
     backend, deaths, log = connect(url), 0, tmp_path / "worker.log"

@@ -86,6 +86,8 @@ def test_the_shim_answers_the_model_that_gpu_run_names(carry: Path) -> None:
     assert out.stdout.split() == ["/x/model", "0.1.0+fp16"]
 
 
+# ~60 s on 2 cores: make soak runs it (make test keeps the carried-model checks above).
+@pytest.mark.soak
 def test_dry_run_runs_every_step_and_leaves_its_result_files(carry: Path, tmp_path: Path):
     out, work = tmp_path / "out", tmp_path / "work"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_run.py"), "--dry-run", "--no-install"]

@@ -8,6 +8,7 @@ a real SQLite store. Figures are printed (``pytest -s``) for docs/reliability.md
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -159,7 +160,9 @@ DIES_TAKING_WORKER = textwrap.dedent(
 
 
 def test_a_message_whose_worker_died_taking_it_comes_back(tmp_path, broker_url):
-    env = default_env(tmp_path, broker_url)
+    # Landing lists expire with the lease timeout: 10 s here (30 s by default, shown by the
+    # kill -9 test above).
+    env = default_env(tmp_path, broker_url, EMBEDQ_DEAD_WORKER_RESTORE_S="10")
     broker, log = redis.Redis.from_url(broker_url), tmp_path / "worker.log"
     with logged_worker([sys.executable, "-c", DIES_TAKING_WORKER], env, log) as first:
         client = subprocess.Popen(
@@ -237,7 +240,8 @@ SEND = textwrap.dedent(
 
 
 def test_a_task_running_past_the_lease_timeout_on_a_live_worker_runs_once(tmp_path, broker_url):
-    restore_s, slow_s = 10, 25
+    # The task runs 2.5 lease timeouts: unrenewed, kombu would hand it out again twice.
+    restore_s, slow_s = 6, 15
     runs = tmp_path / "runs.txt"
     env = default_env(
         tmp_path,
@@ -261,7 +265,7 @@ def test_a_task_running_past_the_lease_timeout_on_a_live_worker_runs_once(tmp_pa
         f"with a {restore_s} s lease timeout; lease ages seen {ages}"
     )
     assert json.loads(shape) == [2, 384]
-    # Without renewals kombu hands the running task out again every ~10 s (3 deliveries).
+    # Without renewals kombu hands the running task out again every ~6 s (3 deliveries).
     assert deliveries == 1, "the running task was not delivered again"
     assert broker.get(REDELIVERED_KEY) is None
     assert len(runs.read_text().splitlines()) == 1, "nor run again"
@@ -320,6 +324,8 @@ def test_a_dead_workers_landing_list_goes_back_to_its_queue_and_a_live_ones_stay
 
 
 def test_a_renewal_that_cannot_reach_redis_is_logged_and_survived(caplog):
+    # The session's in-process Celery worker sets the root logger to ERROR.
+    caplog.set_level(logging.WARNING, logger="embedq.worker.leases")
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
     leases = TaskLeases(dead, _Consumer(["a"], set()), interval_s=0.05, restore_s=30)
     leases.start()
