@@ -170,3 +170,18 @@ def side_redis(side_redis_server: str) -> Callable[[int], str]:
         return found
 
     return url
+
+
+@pytest.fixture
+def own_postgres(postgres_url: str) -> Iterator[str]:
+    """A database of the test's own on the machine's Postgres, dropped afterwards."""
+    from sqlalchemy import create_engine
+
+    name = f"embedq_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()

@@ -7,12 +7,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from embedq.broker.client import connect
 from embedq.errors import IndexBuildBusyError, StaleVersionError
@@ -47,19 +46,6 @@ def _items(collection: str, vectors: np.ndarray, prefix: str = "id") -> list[Ite
         Item(collection, f"{prefix}-{i}", f"{collection} text {i}", v, "m@1", f"h{i}")
         for i, v in enumerate(vectors)
     ]
-
-
-@pytest.fixture
-def own_postgres(postgres_url: str) -> Iterator[str]:
-    """A database of this test's own on the machine's Postgres, dropped afterwards."""
-    name = f"embedq_h5_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

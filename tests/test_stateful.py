@@ -6,7 +6,6 @@ new text and vector, and the same scores exact search over the model gives."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import create_engine
 
 from embedq.search.build import rebuild_changed
 from embedq.search.searcher import Searcher
@@ -132,19 +130,6 @@ class StoreModel(RuleBasedStateMachine):
 def _cosine(a: Any, b: Any) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-@pytest.fixture
-def own_postgres(postgres_url: str) -> Iterator[str]:
-    """A database of this test's own on the machine's Postgres, dropped afterwards."""
-    name = f"embedq_h5_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])

@@ -34,7 +34,7 @@ from embedq.store.base import Fingerprint, Item, meta_hash, now_version
 from embedq.store.engine import RetryPolicy
 from embedq.store.factory import create_store
 from embedq.worker.runtime import Runtime, get_runtime
-from tests.helpers import ROOT, audit, corpus, free_port
+from tests.helpers import ROOT, audit, corpus, free_port, wait_rows, worker
 
 BIN = Path(sys.executable).parent
 PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
@@ -340,34 +340,6 @@ def _own_redis(db: int) -> str:
     return url
 
 
-def _wait_rows(store, collection: str, at_least: int, timeout_s: float = 300) -> int:
-    deadline = time.monotonic() + timeout_s
-    while (count := store.count(collection)) < at_least:
-        assert time.monotonic() < deadline, f"only {count} rows after {timeout_s} s"
-        time.sleep(0.2)
-    return count
-
-
-@contextmanager
-def _worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as handle:
-        proc = subprocess.Popen(
-            [str(BIN / "embedq"), "worker", "--queue", "cpu"],
-            env=env,
-            cwd=ROOT,
-            stdout=handle,
-            stderr=handle,
-        )
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 DOCUMENTS = 3000
 DOWN_S = 6.0
 
@@ -397,11 +369,11 @@ def test_a_postgres_restart_mid_ingest_loses_and_duplicates_nothing(tmp_path):
             collection,
             "--json",
         ]
-        with _worker(env, log):
+        with worker(env, log, ready=False):
             ingest = subprocess.Popen(
                 cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
-            at_stop = _wait_rows(store, collection, 1000)
+            at_stop = wait_rows(store, collection, 1000)
             store.close()
             stopped = time.monotonic()
             pg.stop("immediate")

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from embedq.broker.tls import connection_tls
-from tests.helpers import free_port
+from tests.helpers import free_port, run_client, worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -146,56 +145,22 @@ def _env(tmp_path: Path, url: str) -> dict[str, str]:
     return env
 
 
-def _python(code: str, env: dict[str, str], *args: str, timeout_s: float = 180) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@contextmanager
-def worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``embedq worker --queue cpu`` logging to ``log``; warm shutdown at the end."""
-    with log.open("a") as handle:
-        proc = subprocess.Popen(
-            [str(BIN / "embedq"), "worker", "--queue", "cpu"],
-            env=env,
-            cwd=ROOT,
-            stdout=handle,
-            stderr=handle,
-        )
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def test_the_readme_rediss_url_carries_a_whole_embedding_round_trip(tmp_path):
     certs = _certificates(tmp_path / "certs", "IP:127.0.0.1")
     with tls_redis(tmp_path, certs) as port:
         url = documented_url(port, certs["ca"])
         assert "ssl_cert_reqs" not in url
         env = _env(tmp_path, url)
-        assert _python(PROBE, env) == {
+        assert json.loads(run_client(env, PROBE)) == {
             "backend": "connected",
             "broker": "connected",
             "cache": "connected",
         }
         log = tmp_path / "worker.log"
-        with worker(env, log):
-            result = _python(CLIENT, env, json.dumps(["over", "tls", "as documented"]))
+        with worker(env, log, ready=False):
+            result = json.loads(
+                run_client(env, CLIENT, json.dumps(["over", "tls", "as documented"]))
+            )
         assert result["shape"] == [3, 384], log.read_text()[-3000:]
         assert PASSWORD not in log.read_text()
 
@@ -204,7 +169,7 @@ def test_a_certificate_for_another_host_is_refused_by_every_client(tmp_path):
     certs = _certificates(tmp_path / "certs", "DNS:redis.other-host.example")
     with tls_redis(tmp_path, certs) as port:
         env = _env(tmp_path, documented_url(port, certs["ca"]))
-        outcomes = _python(PROBE, env)
+        outcomes = json.loads(run_client(env, PROBE))
         for client, outcome in outcomes.items():
             assert outcome != "connected", f"{client} accepted a certificate for another host"
             assert "mismatch" in outcome or "doesn't match" in outcome, (client, outcome)
