@@ -335,6 +335,11 @@ def _ingest(tmp_path: Path, env: dict[str, str], n: int) -> tuple[subprocess.Pop
     return helpers.start_ingest(tmp_path / "docs.jsonl", "scale", env), docs
 
 
+def _squeeze(client) -> None:
+    """Make Redis full at once: maxmemory under its use, so freeing a little does not end it."""
+    client.config_set("maxmemory", int(read_memory(client).used * 0.9))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
@@ -350,9 +355,11 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
         ingest, docs = _ingest(tmp_path, env, 2000)
         try:
             helpers.wait_rows(create_store(env["EMBEDQ_DATABASE_URL"]), "scale", 300)
-            # Full at once: under what it uses, so freeing a little does not end it.
-            client.config_set("maxmemory", int(read_memory(client).used * 0.9))
+            _squeeze(client)
             time.sleep(12)
+            # Workers and the producer free memory while they wait (queue pops, GETDEL of
+            # results), so the cap follows it down before the report and health are read.
+            _squeeze(client)
             full = build_report(client, None, _settings())
             beats = read_heartbeats(client).get("cpu", [])
             api = TestClient(create_app(allow_anonymous=True))
