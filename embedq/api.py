@@ -19,7 +19,7 @@ import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,6 +44,7 @@ from embedq.errors import (
     UnknownModelError,
 )
 from embedq.keys import rate_key
+from embedq.ops.metrics import ApiMetrics, RequestMetrics
 from embedq.ops.status import read_workers
 from embedq.settings import QUEUES, Settings, get_settings
 
@@ -218,6 +219,11 @@ class Service:
         """The broker's Redis memory, read at most every few seconds (``/health``)."""
         return MemoryWatch(shared_client())
 
+    @functools.cached_property
+    def metrics(self) -> ApiMetrics:
+        """This API's Prometheus metrics (``/metrics``)."""
+        return ApiMetrics(shared_client(), self.settings)
+
     def require_worker(self) -> list[dict[str, Any]]:
         """Live workers, or 503 (a task would only wait in the queue)."""
         workers = [w for beats in read_workers(shared_client()).values() for w in beats]
@@ -365,6 +371,18 @@ def metadata(service: ServiceDep) -> dict[str, Any]:
     }
 
 
+def scraper(service: ServiceDep, credentials: Credentials) -> None:
+    """Authenticate a metrics scrape; never rate-limited, so monitoring is not throttled."""
+    service.authenticate(credentials)
+
+
+@router.get("/metrics", dependencies=[Depends(scraper)])
+def prometheus_metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics: the API's requests and the cluster's queues, router and SLOs."""
+    body, content_type = service.metrics.render()
+    return Response(body, media_type=content_type)
+
+
 def create_app(settings: Settings | None = None, allow_anonymous: bool = False) -> FastAPI:
     """The FastAPI application; refuses to build without API keys unless told."""
     service = Service(settings or get_settings(), allow_anonymous)
@@ -373,6 +391,7 @@ def create_app(settings: Settings | None = None, allow_anonymous: bool = False) 
     _install_errors(api)
     api.include_router(router)
     api.add_middleware(BodyLimit, max_bytes=int(service.settings.api_max_body_mb * 2**20))
+    api.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: counts 413s too
     return api
 
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    generate_latest,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -76,6 +80,18 @@ BATCH_BUDGET = Gauge(
     "Padded-token budget of the next batch (learned when EMBEDQ_ADAPTIVE_BATCH is on)",
     multiprocess_mode="max",
 )
+WORKER_INFO = Gauge(
+    "embedq_worker_info",
+    "1 per worker process, naming it; join on instance for per-queue and per-worker figures",
+    ["worker", "queue", "device"],
+    multiprocess_mode="max",
+)
+COST_PER_MILLION_TOKENS = Gauge(
+    "embedq_cost_per_million_tokens",
+    "Cost of 1 M tokens (EMBEDQ_COST_PER_HOUR over measured throughput and utilisation)",
+    ["queue", "worker"],
+    multiprocess_mode="max",
+)
 
 
 class RedisCollector(Collector):
@@ -94,6 +110,7 @@ class RedisCollector(Collector):
         except redis.RedisError as exc:
             log.warning("metrics: Redis did not answer: %s", exc)
         yield from _gpu_memory()
+        yield from _gpu_capacity()
 
     def _queues(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("embedq_queue_depth", "Tasks waiting per queue", labels=["queue"])
@@ -148,6 +165,31 @@ def _gpu_memory() -> Iterator[GaugeMetricFamily]:
     yield family
 
 
+def _gpu_capacity() -> Iterator[GaugeMetricFamily]:
+    reserved = GaugeMetricFamily(
+        "embedq_gpu_memory_reserved_bytes",
+        "CUDA memory the caching allocator holds",
+        labels=["device"],
+    )
+    total = GaugeMetricFamily(
+        "embedq_gpu_memory_total_bytes", "CUDA memory of the device", labels=["device"]
+    )
+    try:
+        import torch
+
+        for i in range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0):
+            reserved.add_metric([f"cuda:{i}"], torch.cuda.memory_reserved(i))
+            total.add_metric([f"cuda:{i}"], torch.cuda.get_device_properties(i).total_memory)
+    except ImportError:  # pragma: no cover
+        pass
+    yield from (reserved, total)
+
+
+def describe_worker(hostname: str, queues: list[str], device: str) -> None:
+    """Publish ``embedq_worker_info`` for this worker, so dashboards can group by queue."""
+    WORKER_INFO.labels(hostname, ",".join(sorted(queues)), device).set(1)
+
+
 def serve(client: redis.Redis, settings: Settings) -> int | None:
     """Serve this worker's metrics on the first free port from the setting; returns it."""
     if not settings.metrics_port:
@@ -166,3 +208,74 @@ def serve(client: redis.Redis, settings: Settings) -> int | None:
         return port
     log.warning("no free metrics port in %d..+%d", settings.metrics_port, PORT_TRIES)
     return None
+
+
+# The API's routes, as the ``route`` label; anything else (404s, /docs) counts as "other".
+API_ROUTES = ("/embed", "/v1/embeddings", "/search", "/health", "/metadata", "/metrics")
+
+
+class ClusterCollector(RedisCollector):
+    """The Redis-held gauges only (queue depth, router, SLOs): for processes without a GPU."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One scrape's worth of cluster-wide gauges (skipped if Redis does not answer)."""
+        try:
+            yield from self._queues()
+            yield from self._router()
+            yield from self._slos()
+        except redis.RedisError as exc:
+            log.warning("metrics: Redis did not answer: %s", exc)
+
+
+class ApiMetrics:
+    """The HTTP API's metrics, in a registry of its own: its requests and the cluster gauges."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "embedq_api_requests",
+            "HTTP requests to the API by route and status code",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "embedq_api_request_seconds",
+            "Time the API took to answer, by route",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.registry.register(ClusterCollector(client, settings))
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        route = path if path in API_ROUTES else "other"
+        self.requests.labels(route, str(status)).inc()
+        self.seconds.labels(route).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """ASGI middleware counting every HTTP request into :class:`ApiMetrics`."""
+
+    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """ASGI entry point."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def record(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            self.metrics.observe(scope["path"], status[0], time.perf_counter() - started)

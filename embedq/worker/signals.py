@@ -58,6 +58,7 @@ def _start_heartbeat(consumer: Any) -> None:
     runtime = get_runtime()
     queues = [q.name for q in consumer.task_consumer.queues]
     port = metrics.serve(shared_client(), runtime.settings)
+    metrics.describe_worker(consumer.hostname, queues, runtime.encoder.device)
     beat = Heartbeat(
         shared_client(),
         queues,
