@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test soak lint format bench clean browser
+.PHONY: install demo test soak lint format bench clean browser prometheus
 
 install: $(STAMP)
 
@@ -36,8 +36,16 @@ browser:
 	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) || \
 	  echo "chromium could not be installed: the Flower browser test will skip"
 
+# The monitoring test runs Debian's prometheus (and promtool) with deploy/prometheus's config;
+# installed here when missing and we may (root).
+prometheus:
+	@command -v prometheus >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null) || \
+	  echo "prometheus could not be installed: the Prometheus tests will skip"
+
 # pytest leaves out the long soak and load runs (marker `soak`, see pyproject's addopts).
-test: lint browser
+test: lint browser prometheus
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # Only the soak and load runs (pytest marker `soak`, then 100,000 documents through capped

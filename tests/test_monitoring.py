@@ -134,6 +134,18 @@ def test_compose_runs_prometheus_and_grafana():
     assert "api-key" in " ".join(services["prometheus"]["command"])
 
 
+def test_readme_names_the_ports_and_every_dashboard_metric():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Monitoring: Prometheus and Grafana", 1)[1].split("\n## ", 1)[0]
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in ("prometheus", "grafana"):
+        published = services[name]["ports"][0].rsplit(":", 1)[-1]
+        assert f":{published}" in section, name
+    for name in set().union(*map(metric_names, dashboard_queries())):
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f"`{family}" in readme, f"{family} is not in the README's metrics table"
+
+
 @pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMETHEUS)
 def test_promtool_passes_the_shipped_config(tmp_path):
     # As compose runs it: a copy of the file, the API key in `api-key` next to it.
