@@ -147,17 +147,21 @@ def test_readme_names_the_ports_and_every_dashboard_metric():
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMETHEUS)
-def test_promtool_passes_the_shipped_config(tmp_path):
-    # As compose runs it: a copy of the file, the API key in `api-key` next to it.
-    shutil.copy(PROMETHEUS_CONFIG, tmp_path / "prometheus.yml")
-    (tmp_path / "api-key").write_text("a-key")
+def test_promtool_passes_the_shipped_config_as_compose_sets_it_up(tmp_path):
+    # compose's own shell line, its paths moved here and `promtool check config` run in
+    # place of prometheus: it copies the file and writes the first API key beside it.
+    line = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["prometheus"]
+    line = line["command"][0].replace("$$", "$").replace("/etc/embedq-prometheus", "@DEPLOY@")
+    line = line.replace("/bin/prometheus --config.file=", f"{PROMTOOL} check config ")
+    line = line.split(" --storage.tsdb.path")[0].replace("/prometheus/", "@TMP@/")
+    line = line.replace("@DEPLOY@", str(PROMETHEUS_CONFIG.parent)).replace("@TMP@", str(tmp_path))
+    environ = {"PATH": os.environ["PATH"], "EMBEDQ_API_KEYS": " first-key , second-key"}
     out = subprocess.run(
-        [PROMTOOL, "check", "config", str(tmp_path / "prometheus.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        ["sh", "-c", line], env=environ, capture_output=True, text=True, timeout=60
     )
-    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, line + out.stdout + out.stderr
+    assert (tmp_path / "api-key").read_text() == "first-key"
+    assert (tmp_path / "prometheus.yml").read_text() == PROMETHEUS_CONFIG.read_text()
 
 
 @contextmanager
@@ -227,9 +231,11 @@ def scraped(celery_worker, redis_client, tmp_path_factory) -> Iterator[dict[str,
         pytest.skip(NO_PROMETHEUS)
     tmp_path = tmp_path_factory.mktemp("prometheus")
 
-    beat = next(
-        b for b in read_workers(redis_client)["cpu"] if b["hostname"] == celery_worker.hostname
-    )
+    def own_beat() -> dict[str, Any] | None:
+        beats = read_workers(redis_client)["cpu"]
+        return next((b for b in beats if b["hostname"] == celery_worker.hostname), None)
+
+    beat = wait_until(own_beat, 30, 0.2, "the test worker's heartbeat")
     assert beat.get("metrics_port"), f"the test worker serves no metrics: {beat}"
     key, port = uuid.uuid4().hex, free_port()
     with api_server(key) as api:

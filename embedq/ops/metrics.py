@@ -187,6 +187,8 @@ def _gpu_capacity() -> Iterator[GaugeMetricFamily]:
 
 def describe_worker(hostname: str, queues: list[str], device: str) -> None:
     """Publish ``embedq_worker_info`` for this worker, so dashboards can group by queue."""
+    # One series per process: dashboards join on it one-to-one by instance.
+    WORKER_INFO.clear()
     WORKER_INFO.labels(hostname, ",".join(sorted(queues)), device).set(1)
 
 
