@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from embedq.broker.client import describe, is_redis_full, throttled_warning
-from embedq.keys import HEARTBEAT_EXPIRY_KEY, HEARTBEATS_KEY, heartbeat_member, heartbeat_owner
+from embedq.keys import (
+    HEARTBEAT_EXPIRY_KEY,
+    HEARTBEATS_KEY,
+    direct_queue,
+    heartbeat_member,
+    heartbeat_owner,
+)
 from embedq.ops import slo
+from embedq.settings import get_settings
 
 if TYPE_CHECKING:
     from embedq.encode.base import Encoder
@@ -110,6 +117,44 @@ def live_hostnames(client: redis.Redis) -> set[str]:
     return {beat["hostname"] for beats in read_heartbeats(client).values() for beat in beats}
 
 
+# Smoothing of utilisation (every beat, idle ones too): a price needs a steadier figure
+# than the router's texts/s.
+UTILISATION_WEIGHT = 0.1
+
+
+class Meter:
+    """Token speed while encoding and the share of time spent encoding, smoothed."""
+
+    def __init__(self, work: Callable[[], tuple[int, float]]) -> None:
+        self.work = work
+        self.tokens_per_s: float | None = None
+        self.utilisation: float | None = None
+        self._last = (time.monotonic(), *work())
+
+    def update(self) -> dict[str, float | None]:
+        """Measure since the last call; the payload's ``tokens_per_s`` and ``utilisation``."""
+        now, (tokens, busy) = time.monotonic(), self.work()
+        then, tokens_before, busy_before = self._last
+        self._last = (now, tokens, busy)
+        used_s = max(busy - busy_before, 0.0)
+        if used_s > 0 and tokens > tokens_before:
+            rate = (tokens - tokens_before) / used_s
+            old = self.tokens_per_s
+            self.tokens_per_s = rate if old is None else 0.7 * old + 0.3 * rate
+        share = min(used_s / max(now - then, 1e-6), 1.0)
+        old_share = self.utilisation
+        w = UTILISATION_WEIGHT
+        self.utilisation = share if old_share is None else (1 - w) * old_share + w * share
+        return {"tokens_per_s": self.tokens_per_s, "utilisation": round(self.utilisation, 4)}
+
+
+def split_queues(queues: Sequence[str], hostname: str) -> tuple[list[str], str | None]:
+    """(shared queues, this worker's direct queue or None) of a worker's consumed queues."""
+    direct = {direct_queue(q, hostname) for q in queues}
+    own = [q for q in queues if q in direct]
+    return [q for q in queues if q not in direct], own[0] if own else None
+
+
 def _server_major(client: redis.Redis) -> int:
     try:
         return int(str(client.info("server").get("redis_version", "0")).split(".")[0])
@@ -129,9 +174,11 @@ class Heartbeat:
         texts_encoded: Callable[[], int],
         extra: dict[str, Any] | None = None,
         live: Callable[[], dict[str, Any]] | None = None,
+        work: Callable[[], tuple[int, float]] | None = None,
     ) -> None:
         self.client = client
-        self.queues = list(queues)
+        # A direct queue is announced in the payload, never registered as a queue of its own.
+        self.queues, direct = split_queues(queues, hostname)
         self.hostname = hostname
         self.device = encoder.device
         # What status, the API's /metadata and the router read about this worker.
@@ -140,8 +187,12 @@ class Heartbeat:
             "model_id": encoder.model_id,
             "dim": encoder.dim,
             "max_batch_tokens": encoder.max_batch_tokens,
+            "cost_per_hour": get_settings().cost_per_hour,
+            **({"direct_queue": direct} if direct else {}),
             **(extra or {}),
         }
+        # Tokens and model seconds so far, for the price per token (cost.py).
+        self.meter = Meter(work) if work else None
         self.texts_encoded = texts_encoded
         # Figures that change while the worker runs (the learned batch budget).
         self.live = live or dict
@@ -193,6 +244,7 @@ class Heartbeat:
                 "texts_per_s": self.texts_per_s,
                 "texts_encoded": count,
                 **self.about,
+                **(self.meter.update() if self.meter else {}),
                 **self.live(),
             }
         )
