@@ -26,15 +26,24 @@ from embedq.keys import (
     HEARTBEATS_KEY,
     direct_queue,
     heartbeat_member,
-    heartbeat_owner,
 )
 from embedq.ops import slo
+
+# The readers live in registry.py (metrics imports them); re-exported for existing callers.
+from embedq.ops.registry import (
+    NOW_LUA,
+    live_hostnames,
+    read_expired_heartbeats,
+    read_heartbeats,
+)
 from embedq.settings import get_settings
 
 if TYPE_CHECKING:
     from embedq.encode.base import Encoder
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Heartbeat", "Meter", "live_hostnames", "read_expired_heartbeats", "read_heartbeats"]
 
 INTERVAL_S = 2.0
 TTL_S = 10
@@ -45,11 +54,9 @@ PRUNE_AFTER_S = 3600
 # Both registry keys vanish a day after the last beat of any worker.
 REGISTRY_TTL_S = 24 * 3600
 
-_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
-
 # KEYS: payloads, expiry. ARGV: ttl, prune_after, registry ttl, then member, payload pairs.
 BEAT_LUA = (
-    _NOW
+    NOW_LUA
     + """
 local bound = now - tonumber(ARGV[2])
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', bound)) do
@@ -68,54 +75,6 @@ return 1
 # Redis 7 runs a script flagged allow-oom even when full: a heartbeat overwrites its own
 # few hundred bytes, and a full Redis must not make every live worker look dead.
 BEAT_LUA_ALLOW_OOM = "#!lua flags=allow-oom\n" + BEAT_LUA
-
-# KEYS: payloads, expiry. ARGV[1]: "alive" or "expired". Returns member, payload pairs.
-READ_LUA = (
-    _NOW
-    + """
-local members
-if ARGV[1] == 'alive' then
-  members = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
-else
-  members = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
-end
-local out = {}
-for _, member in ipairs(members) do
-  out[#out + 1] = member
-  out[#out + 1] = redis.call('HGET', KEYS[1], member)
-end
-return out
-"""
-)
-
-
-def _read(client: redis.Redis, which: str) -> dict[str, list[dict[str, Any]]]:
-    found: dict[str, list[dict[str, Any]]] = {}
-    script = client.register_script(READ_LUA)
-    flat = script(keys=[HEARTBEATS_KEY, HEARTBEAT_EXPIRY_KEY], args=[which])
-    for member, raw in zip(flat[::2], flat[1::2], strict=True):
-        if raw:
-            queue, _ = heartbeat_owner(member.decode() if isinstance(member, bytes) else member)
-            found.setdefault(queue, []).append(json.loads(raw))
-    for beats in found.values():
-        beats.sort(key=lambda beat: str(beat.get("hostname")))
-    return found
-
-
-def read_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
-    """Live workers' heartbeats, by queue (the router, status and the API read them)."""
-    return _read(client, "alive")
-
-
-def read_expired_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
-    """Heartbeats that stopped within the last ``PRUNE_AFTER_S`` (workers presumed dead)."""
-    return _read(client, "expired")
-
-
-def live_hostnames(client: redis.Redis) -> set[str]:
-    """Hostnames of the workers whose heartbeat is current, on any queue."""
-    return {beat["hostname"] for beats in read_heartbeats(client).values() for beat in beats}
-
 
 # Smoothing of utilisation (every beat, idle ones too): a price needs a steadier figure
 # than the router's texts/s.

@@ -25,6 +25,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
 from embedq.keys import stats_key
+from embedq.ops.cost import cost_family, cost_report
+from embedq.ops.registry import read_heartbeats
 from embedq.ops.slo import evaluate, read_usage
 from embedq.settings import QUEUES, Settings
 
@@ -91,6 +93,7 @@ class RedisCollector(Collector):
             yield from self._queues()
             yield from self._router()
             yield from self._slos()
+            yield cost_family(cost_report(read_heartbeats(self.client)))
         except redis.RedisError as exc:
             log.warning("metrics: Redis did not answer: %s", exc)
         yield from _gpu_memory()

@@ -10,6 +10,7 @@ import redis
 
 from embedq.broker.client import FULL_SHARE, check_eviction_policy, read_memory
 from embedq.errors import StoreError
+from embedq.ops.cost import cost_report
 from embedq.ops.heartbeat import read_heartbeats
 from embedq.ops.slo import evaluate, read_usage
 from embedq.search.build import blob_name
@@ -37,6 +38,8 @@ class Report:
     alerts: list[str] = field(default_factory=list)
     #: The broker's Redis memory (see :class:`embedq.broker.client.MemoryState`).
     redis: dict[str, Any] = field(default_factory=dict)
+    #: Cost per 1 M tokens per queue and per worker (see :mod:`embedq.ops.cost`).
+    costs: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -102,6 +105,7 @@ def build_report(client: redis.Redis, store: Store | None, settings: Settings) -
         slos=slos,
         indexes=indexes,
         redis=read_redis(client),
+        costs=cost_report(workers),
     )
     report.alerts = alerts(report, settings, store_error)
     if warning := check_eviction_policy(client):
@@ -172,9 +176,13 @@ def render(report: Report) -> str:
         for b in beats:
             speed = f"{b['texts_per_s']:.0f} texts/s" if b.get("texts_per_s") else "idle"
             port = f", metrics :{b['metrics_port']}" if b.get("metrics_port") else ""
-            lines.append(f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}")
+            price = _price(report.costs.get("workers", {}).get(queue, {}).get(b["hostname"]))
+            lines.append(
+                f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}{price}"
+            )
     depths = ", ".join(f"{q} {d}" for q, d in report.queue_depths.items())
     lines.append(f"queues: {depths}")
+    lines.extend(render_costs(report.costs))
     if memory := report.redis:
         cap = f"of {memory['maxmemory_mb']} MB" if memory.get("maxmemory_mb") else "(no maxmemory)"
         lines.append(f"redis: {memory['used_mb']} MB {cap}, {memory['policy']}")
@@ -201,3 +209,21 @@ def render(report: Report) -> str:
     lines.append("alerts:" if report.alerts else "alerts: none")
     lines.extend(f"  ! {alert}" for alert in report.alerts)
     return "\n".join(lines)
+
+
+def _price(cost: dict[str, Any] | None) -> str:
+    """``, 0.12/1M tokens (0.05 at full use)`` for a worker or queue with a price."""
+    if not cost:
+        return ""
+    now = cost["cost_per_million_tokens"]
+    full = cost["cost_per_million_tokens_at_full"]
+    spent = "idle" if now is None else f"{now:.4g}/1M tokens"
+    return f", {spent} ({full:.4g} at full use, {cost['cost_per_hour']:g}/h)"
+
+
+def render_costs(costs: dict[str, Any]) -> list[str]:
+    """Cost per 1 M tokens per queue (EMBEDQ_COST_PER_HOUR over measured throughput)."""
+    queues = costs.get("queues") or {}
+    if not queues:
+        return ["cost: - (set EMBEDQ_COST_PER_HOUR on workers)"]
+    return ["cost:"] + [f"  {queue}{_price(cost)}" for queue, cost in sorted(queues.items())]
