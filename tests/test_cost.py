@@ -79,3 +79,36 @@ def test_meter_measures_speed_while_busy_and_utilisation():
     idle = meter.update()
     assert idle["tokens_per_s"] == pytest.approx(2000.0)  # an idle beat is not a slow one
     assert idle["utilisation"] < first["utilisation"]
+
+
+def test_the_metric_is_read_from_live_heartbeats(side_redis, runtime):
+    """Real heartbeats in Redis, read by the workers' scrape-time collector."""
+    from embedq.broker.client import connect
+    from embedq.ops.heartbeat import Heartbeat
+    from embedq.ops.metrics import RedisCollector
+    from embedq.settings import Settings
+
+    client = connect(side_redis(9))
+    work = iter([(0, 0.0), (36_000, 1.0)])
+    beat = Heartbeat(
+        client, ["gpu"], "gpu-0@h", runtime.encoder, lambda: 0, work=lambda: next(work)
+    )
+    beat.about["cost_per_hour"] = 3.6
+    beat.beat()
+    families = {f.name: f for f in RedisCollector(client, Settings()).collect()}
+    samples = {
+        s.labels["worker"]: s.value for s in families["embedq_cost_per_million_tokens"].samples
+    }
+    # 36,000 tokens/s while busy: 3.6/h buys 129.6 M tokens an hour at full use.
+    assert set(samples) == {"all", "gpu-0@h"} and samples["all"] == samples["gpu-0@h"]
+    at_full = 3.6 / (36_000 * 3600) * 1e6
+    utilisation = read_utilisation(client)
+    assert samples["all"] == pytest.approx(at_full / utilisation, rel=1e-3)
+    beat.stop()
+    client.flushdb()
+
+
+def read_utilisation(client) -> float:
+    from embedq.ops.heartbeat import read_heartbeats
+
+    return read_heartbeats(client)["gpu"][0]["utilisation"]
