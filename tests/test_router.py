@@ -192,3 +192,22 @@ def test_direct_queues_in_simulated_heartbeats(other_db, runtime):
     assert read_states(other_db)["gpu"].cost_per_hour is None
     for beat in beats:
         beat.stop()
+
+
+def test_status_names_tasks_stranded_on_a_stopped_workers_queue(other_db, runtime):
+    from embedq.ops.status import build_report, read_stranded, read_workers
+    from embedq.settings import get_settings
+
+    beat = Heartbeat(other_db, ["gpu", A], "gpu-0@h", runtime.encoder, lambda: 0)
+    beat.beat()
+    other_db.rpush(A, "task-1", "task-2")
+    assert read_stranded(other_db, read_workers(other_db)) == {}  # its worker is alive
+    # Its heartbeat expires (as when the worker dies): score it in the past.
+    now = float(other_db.time()[0])
+    other_db.zadd(HEARTBEAT_EXPIRY_KEY, {heartbeat_member("gpu", "gpu-0@h"): now - 5})
+    assert read_stranded(other_db, read_workers(other_db)) == {A: 2}
+    said = "\n".join(build_report(other_db, None, get_settings()).alerts)
+    assert f"2 tasks wait on '{A}', the own queue of a worker that stopped beating" in said
+    beat.beat()  # the supervisor restarted it: same name, same queue
+    assert read_stranded(other_db, read_workers(other_db)) == {}
+    beat.stop()

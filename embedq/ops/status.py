@@ -11,7 +11,7 @@ import redis
 from embedq.broker.client import FULL_SHARE, check_eviction_policy, read_memory
 from embedq.errors import StoreError
 from embedq.ops.cost import cost_report
-from embedq.ops.heartbeat import read_heartbeats
+from embedq.ops.heartbeat import read_expired_heartbeats, read_heartbeats
 from embedq.ops.slo import evaluate, read_usage
 from embedq.search.build import blob_name
 from embedq.settings import QUEUES, Settings
@@ -40,6 +40,8 @@ class Report:
     redis: dict[str, Any] = field(default_factory=dict)
     #: Cost per 1 M tokens per queue and per worker (see :mod:`embedq.ops.cost`).
     costs: dict[str, Any] = field(default_factory=dict)
+    #: Tasks waiting on the direct queue of a worker that stopped beating, per queue.
+    stranded: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -49,6 +51,23 @@ class Report:
 def read_workers(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
     """Live workers per queue, from their heartbeats."""
     return {q: [] for q in QUEUES} | read_heartbeats(client)
+
+
+def read_stranded(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Direct queues of workers that stopped beating (within the last hour) and still hold
+    tasks: nobody else takes from them until a worker of that name returns."""
+    live = {b.get("direct_queue") for beats in workers.values() for b in beats}
+    dead = {
+        b["direct_queue"]
+        for beats in read_expired_heartbeats(client).values()
+        for b in beats
+        if b.get("direct_queue") and b["direct_queue"] not in live
+    }
+    names = sorted(dead)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    return {name: int(n) for name, n in zip(names, pipe.execute(), strict=True) if n}
 
 
 def read_indexes(store: Store, settings: Settings) -> list[dict[str, Any]]:
@@ -106,6 +125,7 @@ def build_report(client: redis.Redis, store: Store | None, settings: Settings) -
         indexes=indexes,
         redis=read_redis(client),
         costs=cost_report(workers),
+        stranded=read_stranded(client, workers),
     )
     report.alerts = alerts(report, settings, store_error)
     if warning := check_eviction_policy(client):
@@ -125,6 +145,11 @@ def alerts(report: Report, settings: Settings, store_error: str | None = None) -
     for queue, depth in report.queue_depths.items():
         if depth and not report.workers.get(queue):
             out.append(f"{depth} tasks wait on '{queue}' and no worker consumes it")
+    for name, depth in report.stranded.items():
+        out.append(
+            f"{depth} tasks wait on '{name}', the own queue of a worker that stopped beating: "
+            "restart that worker (its supervisor does), or they wait until it returns"
+        )
     for slo in report.slos:
         if slo["violated"]:
             out.append(
