@@ -23,10 +23,19 @@ READY_TIMEOUT_S = 600.0
 
 
 def worker_command(
-    queue: str = "cpu", *, hostname: str | None = None, loglevel: str | None = None
+    queue: str = "cpu",
+    *,
+    hostname: str | None = None,
+    loglevel: str | None = None,
+    devices: str | None = None,
 ) -> list[str]:
-    """``python -m embedq.cli worker`` for ``queue`` (this interpreter, so this checkout)."""
+    """``python -m embedq.cli worker`` for ``queue`` (this interpreter, so this checkout);
+    ``devices`` (``all``, ``0,1``, ``cpu,cpu``): one worker per device, named
+    ``<queue>-<N>@host``, under one supervisor process (wait for them with
+    :func:`wait_ready` and ``hostname=f"{queue}-*"``, one entry per device in ``procs``)."""
     cmd = [sys.executable, "-m", "embedq.cli", "worker", "--queue", queue]
+    if devices:
+        cmd += ["--devices", devices]
     if hostname:
         cmd += ["--hostname", hostname]
     if loglevel:
