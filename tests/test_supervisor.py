@@ -108,3 +108,17 @@ def test_a_crash_looping_worker_stops_them_all(tmp_path, monkeypatch):
     # The healthy one was stopped too (warmly, unless it had not yet set its handler).
     assert sup.procs[0].returncode in (0, -signal.SIGTERM)
     assert sup.procs[1].returncode == 3
+
+
+def test_a_stop_during_start_up_starts_no_more(tmp_path):
+    started: list[int] = []
+
+    def command(slot: Slot) -> list[str]:
+        started.append(slot.index)
+        if slot.index == 0:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first one starts
+        return [sys.executable, "-c", "import time; time.sleep(120)"]
+
+    sup = Supervisor([Slot(0, "cpu"), Slot(1, "cpu")], command, lambda _: dict(os.environ))
+    assert sup.run() == 1  # the one started was interrupted before it could exit cleanly
+    assert started == [0] and list(sup.procs) == [0]

@@ -151,7 +151,8 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._forward) for sig in FORWARDED}
         try:
             for slot in self.slots:
-                self._start(slot)
+                if not self.stopping:  # a stop signal during start-up starts no more
+                    self._start(slot)
             while not self._all_exited():
                 self._check()
                 time.sleep(POLL_S)
@@ -163,6 +164,8 @@ class Supervisor:
 
     def _start(self, slot: Slot) -> None:
         self.procs[slot.index] = proc = spawn(self.command(slot), self.env(slot))
+        if self.stopping:  # the stop signal came while it was being spawned
+            _send(proc, signal.SIGTERM)
         log.info("started worker %d (%s) as pid %d", slot.index, slot.device, proc.pid)
 
     def _forward(self, signum: int, _frame: FrameType | None = None) -> None:
@@ -177,8 +180,10 @@ class Supervisor:
     def _check(self) -> None:
         """Restart (or give up on) workers that exited while nobody asked them to."""
         for slot in self.slots:
+            if self.stopping:
+                return
             code = self.procs[slot.index].poll()
-            if code is None or self.stopping:
+            if code is None:
                 continue
             log.error("worker %d (%s) exited with status %s", slot.index, slot.device, code)
             if not self.budgets[slot.index].allow(time.monotonic()):
