@@ -66,7 +66,7 @@ def test_report_and_metric():
     # The idle worker has no effective price, so no sample; the queue's total counts it.
     assert samples == {("gpu", "all"): pytest.approx(2.0), ("gpu", "gpu-0@h"): pytest.approx(1.0)}
     lines = render_costs(report)
-    assert lines[0] == "cost:" and lines[1].startswith("  gpu, 2/1M tokens (1 at full use")
+    assert lines[0] == "cost:" and lines[1] == "  gpu: 2/1M tokens (1 at full use, 7.2/h)"
     assert "EMBEDQ_COST_PER_HOUR" in render_costs(cost.cost_report({"cpu": []}))[0]
 
 

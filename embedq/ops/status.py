@@ -251,4 +251,4 @@ def render_costs(costs: dict[str, Any]) -> list[str]:
     queues = costs.get("queues") or {}
     if not queues:
         return ["cost: - (set EMBEDQ_COST_PER_HOUR on workers)"]
-    return ["cost:"] + [f"  {queue}{_price(cost)}" for queue, cost in sorted(queues.items())]
+    return ["cost:"] + [f"  {queue}: {_price(cost)[2:]}" for queue, cost in sorted(queues.items())]
