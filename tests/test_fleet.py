@@ -9,8 +9,11 @@ cost per 1 M tokens in status, and one SIGTERM stopping both device workers.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
+
+import pytest
 
 from embedq.broker.client import connect
 from embedq.ops.heartbeat import read_heartbeats
@@ -92,3 +95,28 @@ def _log(folder: Path) -> str:
     return "all three workers beating\n" + "\n".join(
         p.read_text(errors="replace")[-1500:] for p in folder.glob("*.log")
     )
+
+
+@pytest.mark.soak
+def test_a_killed_device_worker_is_restarted_under_its_name(tmp_path: Path, side_redis):
+    """kill -9 of one device worker: the supervisor logs it and starts it again, same name
+    (so the same direct queue), while the other keeps running."""
+    url = side_redis(11)
+    environ = isolated_env(tmp_path, url)
+    fleet_cmd = [str(BIN / "embedq"), "worker", "--queue", "gpu", "--devices", "cpu,cpu"]
+    client = connect(url)
+    log = tmp_path / "fleet.log"
+    with process(fleet_cmd, environ, log) as fleet:
+        wait_until(lambda: _beats(client).keys() == {"gpu-0", "gpu-1"}, 300, 0.2, "two workers")
+        before = {n: b["pid"] for n, b in _beats(client).items()}
+        os.kill(before["gpu-1"], signal.SIGKILL)
+        wait_until(
+            lambda: _beats(client).get("gpu-1", {}).get("pid") not in (None, before["gpu-1"]),
+            300,
+            0.5,
+            lambda: log.read_text(errors="replace")[-3000:],
+        )
+        assert _beats(client)["gpu-0"]["pid"] == before["gpu-0"]
+        assert "worker 1 (cpu) exited with status -9" in log.read_text(errors="replace")
+        fleet.send_signal(signal.SIGTERM)
+        assert fleet.wait(timeout=60) == 0
