@@ -211,3 +211,18 @@ def test_status_names_tasks_stranded_on_a_stopped_workers_queue(other_db, runtim
     beat.beat()  # the supervisor restarted it: same name, same queue
     assert read_stranded(other_db, read_workers(other_db)) == {}
     beat.stop()
+
+
+def test_an_explicit_queue_is_kept_and_its_lane_weighed(monkeypatch):
+    chooser = router.Router()
+    lanes = (router.Lane(A, 100.0, 0), router.Lane(B, 100.0, 0))
+    chooser._states = {"gpu": QueueState(2, 200.0, 0, lanes=lanes), "cpu": SLOW}
+    chooser._read_at = time.monotonic() + 3600  # this state stays current
+    monkeypatch.setattr(router, "router", chooser)
+    routed = [
+        router.route_task("embedq.embed_texts", (["a text"],), {}, {"queue": "gpu"})
+        for _ in range(2)
+    ]
+    assert routed == [{"queue": A}, {"queue": B}]
+    # A queue without lanes keeps Celery's own routing of the explicit queue.
+    assert router.route_task("embedq.embed_texts", (["a"],), {}, {"queue": "cpu"}) is None

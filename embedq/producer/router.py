@@ -196,6 +196,13 @@ class Router:
         count(queue, reason)
         return self._spread(queue, states.get(queue), n_texts)
 
+    def lane(self, queue: str, n_texts: int) -> str:
+        """The lane of an explicitly chosen ``queue`` (itself when unknown or unreadable)."""
+        try:
+            return self._spread(queue, self._current().get(queue), n_texts)
+        except redis.RedisError:
+            return queue
+
     def _spread(self, queue: str, state: QueueState | None, n_texts: int) -> str:
         """The lane of ``queue`` this task goes to (the queue itself when it has none)."""
         weights = lane_weights(queue, state.lanes, n_texts) if state else {}
@@ -228,7 +235,11 @@ def route_task(
     """Celery router. An explicit ``queue=`` wins (counted as such)."""
     if name not in ROUTED_TASKS:
         return None
+    n_texts = len(task_items(args, kwargs) or ())
     if explicit := options.get("queue"):
-        count(getattr(explicit, "name", str(explicit)), "explicit")
-        return None
-    return {"queue": router.choose(len(task_items(args, kwargs) or ()))}
+        name = getattr(explicit, "name", str(explicit))
+        count(name, "explicit")
+        # The caller picked the queue; which of its workers' own queues is still weighed.
+        lane = router.lane(name, n_texts)
+        return {"queue": lane} if lane != name else None
+    return {"queue": router.choose(n_texts)}
