@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from embedq.broker.client import connect
+from embedq.broker.landing import fetch_plan, queue_of
+from embedq.keys import LANDING_PREFIX
 from embedq.ops.heartbeat import read_heartbeats
 from embedq.ops.status import build_report, render
 from embedq.settings import Settings
@@ -38,6 +40,22 @@ get_settings.cache_clear()
 assert send("cheap").get(timeout=120).shape == (80, 384)
 print(json.dumps(dict(router.decisions)))
 """
+
+
+@pytest.mark.parametrize(
+    ("queues", "plan"),
+    [
+        (["cpu"], ("cpu", True)),
+        # A device worker: wait on its own queue, only peek at the shared one.
+        (["gpu.gpu-0@h", "gpu"], ("gpu.gpu-0@h", True)),
+        (["gpu", "gpu.gpu-0@h"], ("gpu", False)),
+        # Two unrelated queues (the test suite's worker): kombu's BRPOP.
+        (["cpu", "gpu"], None),
+        (["gpu", "gpu.gpu-0@h", "cpu"], None),
+    ],
+)
+def test_fetch_plan(queues, plan):
+    assert fetch_plan(queues) == plan
 
 
 def _beats(client) -> dict[str, dict]:
@@ -72,6 +90,11 @@ def test_devices_fleet(tmp_path: Path, side_redis):
             0.2,
             lambda: str({n: b["texts_encoded"] for n, b in _beats(client).items()}),
         )
+        # Device workers took from their own and the shared queue into landing lists
+        # (reliable fetch), not with kombu's BRPOP over both.
+        landed = {queue_of(k.decode()) for k in client.zrange(LANDING_PREFIX, 0, -1)}
+        own = {beats[n]["direct_queue"] for n in ("gpu-0", "gpu-1")}
+        assert own | {"gpu", "cpu"} <= landed, landed
         report = build_report(client, None, Settings(redis_url=url))
         costs = report.costs["queues"]
         assert (
