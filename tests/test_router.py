@@ -187,6 +187,12 @@ def test_direct_queues_in_simulated_heartbeats(other_db, runtime):
         router.Lane("gpu", cpu_speed, 1),
     }
     assert read_heartbeats(other_db).keys() == {"gpu"}  # no queue named after a direct one
+    from embedq.ops.status import build_report, render
+    from embedq.settings import get_settings
+
+    report = build_report(other_db, None, get_settings())
+    assert report.queue_depths == {"cpu": 0, "gpu": 3}  # own queues counted in their queue
+    assert "gpu-0@h (cpu, " in render(report) and "2 waiting on its own queue" in render(report)
     beats[2].about["cost_per_hour"] = None
     beats[2].beat()
     assert read_states(other_db)["gpu"].cost_per_hour is None

@@ -53,6 +53,22 @@ def read_workers(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
     return {q: [] for q in QUEUES} | read_heartbeats(client)
 
 
+def read_depths(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Tasks waiting per queue, its workers' own queues included (one pipeline); each
+    worker with an own queue gets its backlog as ``own_queue_depth``."""
+    own = [b for beats in workers.values() for b in beats if b.get("direct_queue")]
+    pipe = client.pipeline(transaction=False)
+    for name in [*QUEUES, *(b["direct_queue"] for b in own)]:
+        pipe.llen(name)
+    counts = [int(n) for n in pipe.execute()]
+    depths = dict(zip(QUEUES, counts, strict=False))
+    for beat, count in zip(own, counts[len(QUEUES) :], strict=True):
+        beat["own_queue_depth"] = count
+    for queue, beats in workers.items():
+        depths[queue] = depths.get(queue, 0) + sum(b.get("own_queue_depth", 0) for b in beats)
+    return depths
+
+
 def read_stranded(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     """Direct queues of workers that stopped beating (within the last hour) and still hold
     tasks: nobody else takes from them until a worker of that name returns."""
@@ -104,7 +120,7 @@ def read_redis(client: redis.Redis) -> dict[str, Any]:
 def build_report(client: redis.Redis, store: Store | None, settings: Settings) -> Report:
     """Read heartbeats, queues, counters and the store into one report with alerts."""
     workers = read_workers(client)
-    depths = {q: int(client.llen(q)) for q in QUEUES}
+    depths = read_depths(client, workers)
     now = datetime.now(UTC).timestamp()
     last = read_usage(client, 60, now - 60)
     usage = read_usage(client, settings.slo_window_s, now)
@@ -202,6 +218,8 @@ def render(report: Report) -> str:
             speed = f"{b['texts_per_s']:.0f} texts/s" if b.get("texts_per_s") else "idle"
             port = f", metrics :{b['metrics_port']}" if b.get("metrics_port") else ""
             price = _price(report.costs.get("workers", {}).get(queue, {}).get(b["hostname"]))
+            if "own_queue_depth" in b:
+                port += f", {b['own_queue_depth']} waiting on its own queue"
             lines.append(
                 f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}{price}"
             )
