@@ -123,7 +123,8 @@ def _log(folder: Path) -> str:
 @pytest.mark.soak
 def test_a_killed_device_worker_is_restarted_under_its_name(tmp_path: Path, side_redis):
     """kill -9 of one device worker: the supervisor logs it and starts it again, same name
-    (so the same direct queue), while the other keeps running."""
+    (so the same direct queue), while the other keeps running; kill -9 of the supervisor:
+    its workers stop."""
     url = side_redis(11)
     environ = isolated_env(tmp_path, url)
     fleet_cmd = [str(BIN / "embedq"), "worker", "--queue", "gpu", "--devices", "cpu,cpu"]
@@ -141,5 +142,11 @@ def test_a_killed_device_worker_is_restarted_under_its_name(tmp_path: Path, side
         )
         assert _beats(client)["gpu-0"]["pid"] == before["gpu-0"]
         assert "worker 1 (cpu) exited with status -9" in log.read_text(errors="replace")
-        fleet.send_signal(signal.SIGTERM)
-        assert fleet.wait(timeout=60) == 0
+        # kill -9 of the supervisor itself: its workers get SIGTERM (PR_SET_PDEATHSIG).
+        pids = [b["pid"] for b in _beats(client).values()]
+        fleet.kill()
+        fleet.wait()
+        wait_until(
+            lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 60, 0.2, "workers gone"
+        )
+        assert not _beats(client)  # they stopped warmly: heartbeats removed
