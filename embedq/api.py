@@ -44,6 +44,7 @@ from embedq.errors import (
     UnknownModelError,
 )
 from embedq.keys import rate_key
+from embedq.ops.cost import cost_report
 from embedq.ops.metrics import ApiMetrics, RequestMetrics
 from embedq.ops.status import read_workers
 from embedq.settings import QUEUES, Settings, get_settings
@@ -362,6 +363,7 @@ def metadata(service: ServiceDep) -> dict[str, Any]:
         "dim": next((w["dim"] for w in beats if w.get("dim")), None),
         "queues": {q: len(workers.get(q, [])) for q in QUEUES},
         "devices": sorted({w["device"] for w in beats}),
+        "cost": cost_report(workers),
         "limits": {
             "max_texts": settings.api_max_texts,
             "max_text_chars": settings.api_max_text_chars,

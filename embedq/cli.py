@@ -30,14 +30,46 @@ def worker(
     ),
     loglevel: str = typer.Option("INFO", envvar="EMBEDQ_LOGLEVEL"),
     hostname: str | None = typer.Option(None, envvar="EMBEDQ_HOSTNAME"),
+    devices: str | None = typer.Option(
+        None,
+        envvar="EMBEDQ_DEVICES",
+        help="One worker process per device: all, GPU numbers (0,1,3), or cpu,cpu (no GPU).",
+    ),
+    direct_queue: bool = typer.Option(
+        False,
+        "--direct-queue",
+        envvar="EMBEDQ_DIRECT_QUEUE",
+        help="Also consume a queue of this worker's own (the router weighs it by speed).",
+    ),
 ) -> None:
     """Run a Celery worker that consumes QUEUE (same as: celery -A embedq.app worker -Q QUEUE)."""
-    from embedq.app import app
+    if devices:
+        raise typer.Exit(_supervise(devices, queue, concurrency, loglevel))
+    from celery.utils.nodenames import host_format
 
-    argv = ["worker", "-Q", queue, "-n", hostname or f"{queue}@%h", "--loglevel", loglevel]
+    from embedq.app import app
+    from embedq.keys import direct_queue as direct_name
+
+    name = host_format(hostname or f"{queue}@%h")
+    queues = f"{queue},{direct_name(queue, name)}" if direct_queue else queue
+    argv = ["worker", "-Q", queues, "-n", name, "--loglevel", loglevel]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     app.worker_main(argv)
+
+
+def _supervise(devices: str, queue: str, concurrency: int | None, loglevel: str) -> int:
+    """``worker --devices``: one worker per device, started and stopped together."""
+    from embedq.errors import ConfigurationError
+    from embedq.worker.supervisor import parse_devices, supervise
+
+    try:
+        slots = parse_devices(devices)
+    except ConfigurationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--devices") from exc
+    options = ["--loglevel", loglevel]
+    options += ["--concurrency", str(concurrency)] if concurrency else []
+    return supervise(slots, queue, options)
 
 
 @cli.command()

@@ -47,6 +47,12 @@ def heartbeat_owner(member: str) -> tuple[str, str]:
     return queue, hostname
 
 
+def direct_queue(queue: str, hostname: str) -> str:
+    """The queue (a Redis list) only worker ``hostname`` of ``queue`` consumes, besides the
+    shared one: the router sends it a weighted share of that queue's tasks."""
+    return f"{queue}.{hostname}"
+
+
 def slo_key(minute: int) -> str:
     """Per-minute SLO counters (a hash), summed by every worker."""
     return f"{SLO_PREFIX}:{minute}"

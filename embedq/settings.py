@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -158,6 +159,21 @@ class Settings(BaseSettings):
     )
     api_max_body_mb: float = Field(16.0, description="Size of one HTTP request body, at most.")
     api_timeout_s: float = Field(30.0, description="How long the API waits for a worker.")
+
+    cost_per_hour: float | None = Field(
+        None,
+        ge=0.0,
+        description="What this worker costs per hour, in any currency unit: status, /metadata "
+        "and the embedq_cost_per_million_tokens metric report cost per 1 M tokens from it.",
+    )
+    router_policy: Literal["fastest", "cheapest"] = Field(
+        "fastest",
+        description="fastest: the queue expected to finish first; cheapest: the queue with "
+        "the lowest cost per text whose expected completion meets router_deadline_ms.",
+    )
+    router_deadline_ms: float = Field(
+        1000.0, gt=0, description="The cheapest policy's completion-time limit for a task."
+    )
 
     @property
     def learns_batch_budget(self) -> bool:

@@ -130,6 +130,7 @@ def test_health_metadata_and_search(client):
     assert client.get("/health").json()["status"] == "ready"
     meta = client.get("/metadata", headers=AUTH).json()
     assert meta["dim"] == 384 and set(meta["queues"]) == {"cpu", "gpu"} and "cpu" in meta["devices"]
+    assert set(meta["cost"]) == {"queues", "workers"}  # priced workers only (none here)
     collection = "api-" + uuid.uuid4().hex[:8]
     from embedq.tasks import embed_texts
 

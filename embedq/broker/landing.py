@@ -16,6 +16,9 @@ messages of lists whose lease expired back onto their queue (:func:`restore_expi
 
 Only a channel consuming one Redis list (one queue; ``priority_steps`` ``[0]``, as embedq
 configures; no ``global_keyprefix``) fetches this way; any other keeps kombu's ``BRPOP``.
+One exception: a worker's own queue and its shared queue (``embedq worker --devices``, see
+:func:`embedq.keys.direct_queue`) are fetched in turn, its own with ``BRPOPLPUSH`` (which
+waits) and the shared one with ``RPOPLPUSH`` (which does not), both into landing lists.
 """
 
 from __future__ import annotations
@@ -48,31 +51,38 @@ class ReliableFetch:
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         self._fetching = None
-        landing, queue = None, self._single_list()
-        if queue is not None and time.monotonic() >= self._plain_until:
-            landing = self._landing_for(queue)
-        if landing is None:
+        landing, plan = None, self._fetch_plan()
+        if plan is not None and time.monotonic() >= self._plain_until:
+            landing = self._landing_for(plan[0])
+        if landing is None or plan is None:
             super()._brpop_start(timeout)  # type: ignore[misc]
             return
+        queue, waits = plan
         wait = self.brpop_timeout if timeout is None else timeout  # type: ignore[attr-defined]
         self._in_poll = self.client.connection  # type: ignore[attr-defined]
         self._brpop_sent_at = time.monotonic()
         self._fetching = (queue, landing)
-        self.client.connection.send_command("BRPOPLPUSH", queue, landing, wait or 0)  # type: ignore[attr-defined]
+        command = (
+            ("BRPOPLPUSH", queue, landing, wait or 0) if waits else ("RPOPLPUSH", queue, landing)
+        )
+        self.client.connection.send_command(*command)  # type: ignore[attr-defined]
 
-    def _single_list(self) -> str | None:
-        """The one Redis list this channel consumes now, or None (several: kombu's BRPOP)."""
+    def _fetch_plan(self) -> tuple[str, bool] | None:
+        """The list to fetch from now and whether to wait on it, or None (kombu's BRPOP)."""
         queues = self._queue_cycle.consume(len(self.active_queues))  # type: ignore[attr-defined]
         plain = self.priority_steps == [0] and not self.global_keyprefix  # type: ignore[attr-defined]
-        return queues[0] if len(queues) == 1 and plain else None
+        return fetch_plan(queues) if plain else None
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._fetching is None:
             return super()._brpop_read(**options)  # type: ignore[misc]
         queue, landing = self._fetching
         try:
-            item = self._read_reply(options)
-            self._queue_cycle.rotate(queue)  # type: ignore[attr-defined]
+            try:
+                item = self._read_reply(options)
+            finally:
+                # Next fetch: the other list, if this channel has two (a no-op with one).
+                self._queue_cycle.rotate(queue)  # type: ignore[attr-defined]
             self._deliver_landed(queue, landing, item)
             return True
         finally:
@@ -120,6 +130,22 @@ class ReliableFetch:
                 return None
             landings[queue] = landing
         return landings[queue]
+
+
+def fetch_plan(queues: list[str]) -> tuple[str, bool] | None:
+    """For the lists a channel consumes, head of its cycle first: (list to fetch from now,
+    wait on it). One list: it, waiting. A worker's own queue and its shared queue: the head,
+    waiting only on the own one (shared tasks then wait at most one ``brpop_timeout``).
+    Anything else: None, kombu's ``BRPOP`` over all of them."""
+    if len(queues) == 1:
+        return queues[0], True
+    if len(queues) == 2:
+        head, other = queues
+        if head.startswith(f"{other}."):  # embedq.keys.direct_queue: "<queue>.<hostname>"
+            return head, True
+        if other.startswith(f"{head}."):
+            return head, False
+    return None
 
 
 def register(client: redis.Redis, landings: list[str], now: float, pipe: Any | None = None) -> None:

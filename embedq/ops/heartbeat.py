@@ -21,13 +21,29 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from embedq.broker.client import describe, is_redis_full, throttled_warning
-from embedq.keys import HEARTBEAT_EXPIRY_KEY, HEARTBEATS_KEY, heartbeat_member, heartbeat_owner
+from embedq.keys import (
+    HEARTBEAT_EXPIRY_KEY,
+    HEARTBEATS_KEY,
+    direct_queue,
+    heartbeat_member,
+)
 from embedq.ops import slo
+
+# The readers live in registry.py (metrics imports them); re-exported for existing callers.
+from embedq.ops.registry import (
+    NOW_LUA,
+    live_hostnames,
+    read_expired_heartbeats,
+    read_heartbeats,
+)
+from embedq.settings import get_settings
 
 if TYPE_CHECKING:
     from embedq.encode.base import Encoder
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Heartbeat", "Meter", "live_hostnames", "read_expired_heartbeats", "read_heartbeats"]
 
 INTERVAL_S = 2.0
 TTL_S = 10
@@ -38,11 +54,9 @@ PRUNE_AFTER_S = 3600
 # Both registry keys vanish a day after the last beat of any worker.
 REGISTRY_TTL_S = 24 * 3600
 
-_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
-
 # KEYS: payloads, expiry. ARGV: ttl, prune_after, registry ttl, then member, payload pairs.
 BEAT_LUA = (
-    _NOW
+    NOW_LUA
     + """
 local bound = now - tonumber(ARGV[2])
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', bound)) do
@@ -62,52 +76,42 @@ return 1
 # few hundred bytes, and a full Redis must not make every live worker look dead.
 BEAT_LUA_ALLOW_OOM = "#!lua flags=allow-oom\n" + BEAT_LUA
 
-# KEYS: payloads, expiry. ARGV[1]: "alive" or "expired". Returns member, payload pairs.
-READ_LUA = (
-    _NOW
-    + """
-local members
-if ARGV[1] == 'alive' then
-  members = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
-else
-  members = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
-end
-local out = {}
-for _, member in ipairs(members) do
-  out[#out + 1] = member
-  out[#out + 1] = redis.call('HGET', KEYS[1], member)
-end
-return out
-"""
-)
+# Smoothing of utilisation (every beat, idle ones too): a price needs a steadier figure
+# than the router's texts/s.
+UTILISATION_WEIGHT = 0.1
 
 
-def _read(client: redis.Redis, which: str) -> dict[str, list[dict[str, Any]]]:
-    found: dict[str, list[dict[str, Any]]] = {}
-    script = client.register_script(READ_LUA)
-    flat = script(keys=[HEARTBEATS_KEY, HEARTBEAT_EXPIRY_KEY], args=[which])
-    for member, raw in zip(flat[::2], flat[1::2], strict=True):
-        if raw:
-            queue, _ = heartbeat_owner(member.decode() if isinstance(member, bytes) else member)
-            found.setdefault(queue, []).append(json.loads(raw))
-    for beats in found.values():
-        beats.sort(key=lambda beat: str(beat.get("hostname")))
-    return found
+class Meter:
+    """Token speed while encoding and the share of time spent encoding, smoothed."""
+
+    def __init__(self, work: Callable[[], tuple[int, float]]) -> None:
+        self.work = work
+        self.tokens_per_s: float | None = None
+        self.utilisation: float | None = None
+        self._last = (time.monotonic(), *work())
+
+    def update(self) -> dict[str, float | None]:
+        """Measure since the last call; the payload's ``tokens_per_s`` and ``utilisation``."""
+        now, (tokens, busy) = time.monotonic(), self.work()
+        then, tokens_before, busy_before = self._last
+        self._last = (now, tokens, busy)
+        used_s = max(busy - busy_before, 0.0)
+        if used_s > 0 and tokens > tokens_before:
+            rate = (tokens - tokens_before) / used_s
+            old = self.tokens_per_s
+            self.tokens_per_s = rate if old is None else 0.7 * old + 0.3 * rate
+        share = min(used_s / max(now - then, 1e-6), 1.0)
+        old_share = self.utilisation
+        w = UTILISATION_WEIGHT
+        self.utilisation = share if old_share is None else (1 - w) * old_share + w * share
+        return {"tokens_per_s": self.tokens_per_s, "utilisation": round(self.utilisation, 4)}
 
 
-def read_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
-    """Live workers' heartbeats, by queue (the router, status and the API read them)."""
-    return _read(client, "alive")
-
-
-def read_expired_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
-    """Heartbeats that stopped within the last ``PRUNE_AFTER_S`` (workers presumed dead)."""
-    return _read(client, "expired")
-
-
-def live_hostnames(client: redis.Redis) -> set[str]:
-    """Hostnames of the workers whose heartbeat is current, on any queue."""
-    return {beat["hostname"] for beats in read_heartbeats(client).values() for beat in beats}
+def split_queues(queues: Sequence[str], hostname: str) -> tuple[list[str], str | None]:
+    """(shared queues, this worker's direct queue or None) of a worker's consumed queues."""
+    direct = {direct_queue(q, hostname) for q in queues}
+    own = [q for q in queues if q in direct]
+    return [q for q in queues if q not in direct], own[0] if own else None
 
 
 def _server_major(client: redis.Redis) -> int:
@@ -129,9 +133,11 @@ class Heartbeat:
         texts_encoded: Callable[[], int],
         extra: dict[str, Any] | None = None,
         live: Callable[[], dict[str, Any]] | None = None,
+        work: Callable[[], tuple[int, float]] | None = None,
     ) -> None:
         self.client = client
-        self.queues = list(queues)
+        # A direct queue is announced in the payload, never registered as a queue of its own.
+        self.queues, direct = split_queues(queues, hostname)
         self.hostname = hostname
         self.device = encoder.device
         # What status, the API's /metadata and the router read about this worker.
@@ -140,8 +146,12 @@ class Heartbeat:
             "model_id": encoder.model_id,
             "dim": encoder.dim,
             "max_batch_tokens": encoder.max_batch_tokens,
+            "cost_per_hour": get_settings().cost_per_hour,
+            **({"direct_queue": direct} if direct else {}),
             **(extra or {}),
         }
+        # Tokens and model seconds so far, for the price per token (cost.py).
+        self.meter = Meter(work) if work else None
         self.texts_encoded = texts_encoded
         # Figures that change while the worker runs (the learned batch budget).
         self.live = live or dict
@@ -193,6 +203,7 @@ class Heartbeat:
                 "texts_per_s": self.texts_per_s,
                 "texts_encoded": count,
                 **self.about,
+                **(self.meter.update() if self.meter else {}),
                 **self.live(),
             }
         )

@@ -29,6 +29,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
 from embedq.keys import stats_key
+from embedq.ops.cost import cost_family, cost_report
+from embedq.ops.registry import read_heartbeats
 from embedq.ops.slo import evaluate, read_usage
 from embedq.settings import QUEUES, Settings
 
@@ -86,12 +88,6 @@ WORKER_INFO = Gauge(
     ["worker", "queue", "device"],
     multiprocess_mode="max",
 )
-COST_PER_MILLION_TOKENS = Gauge(
-    "embedq_cost_per_million_tokens",
-    "Cost of 1 M tokens (EMBEDQ_COST_PER_HOUR over measured throughput and utilisation)",
-    ["queue", "worker"],
-    multiprocess_mode="max",
-)
 
 
 class RedisCollector(Collector):
@@ -107,6 +103,7 @@ class RedisCollector(Collector):
             yield from self._queues()
             yield from self._router()
             yield from self._slos()
+            yield cost_family(cost_report(read_heartbeats(self.client)))
         except redis.RedisError as exc:
             log.warning("metrics: Redis did not answer: %s", exc)
         yield from _gpu_memory()

@@ -10,7 +10,8 @@ import redis
 
 from embedq.broker.client import FULL_SHARE, check_eviction_policy, read_memory
 from embedq.errors import StoreError
-from embedq.ops.heartbeat import read_heartbeats
+from embedq.ops.cost import cost_report
+from embedq.ops.heartbeat import read_expired_heartbeats, read_heartbeats
 from embedq.ops.slo import evaluate, read_usage
 from embedq.search.build import blob_name
 from embedq.settings import QUEUES, Settings
@@ -37,6 +38,10 @@ class Report:
     alerts: list[str] = field(default_factory=list)
     #: The broker's Redis memory (see :class:`embedq.broker.client.MemoryState`).
     redis: dict[str, Any] = field(default_factory=dict)
+    #: Cost per 1 M tokens per queue and per worker (see :mod:`embedq.ops.cost`).
+    costs: dict[str, Any] = field(default_factory=dict)
+    #: Tasks waiting on the direct queue of a worker that stopped beating, per queue.
+    stranded: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -46,6 +51,39 @@ class Report:
 def read_workers(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
     """Live workers per queue, from their heartbeats."""
     return {q: [] for q in QUEUES} | read_heartbeats(client)
+
+
+def read_depths(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Tasks waiting per queue, its workers' own queues included (one pipeline); each
+    worker with an own queue gets its backlog as ``own_queue_depth``."""
+    own = [b for beats in workers.values() for b in beats if b.get("direct_queue")]
+    pipe = client.pipeline(transaction=False)
+    for name in [*QUEUES, *(b["direct_queue"] for b in own)]:
+        pipe.llen(name)
+    counts = [int(n) for n in pipe.execute()]
+    depths = dict(zip(QUEUES, counts, strict=False))
+    for beat, count in zip(own, counts[len(QUEUES) :], strict=True):
+        beat["own_queue_depth"] = count
+    for queue, beats in workers.items():
+        depths[queue] = depths.get(queue, 0) + sum(b.get("own_queue_depth", 0) for b in beats)
+    return depths
+
+
+def read_stranded(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Direct queues of workers that stopped beating (within the last hour) and still hold
+    tasks: nobody else takes from them until a worker of that name returns."""
+    live = {b.get("direct_queue") for beats in workers.values() for b in beats}
+    dead = {
+        b["direct_queue"]
+        for beats in read_expired_heartbeats(client).values()
+        for b in beats
+        if b.get("direct_queue") and b["direct_queue"] not in live
+    }
+    names = sorted(dead)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    return {name: int(n) for name, n in zip(names, pipe.execute(), strict=True) if n}
 
 
 def read_indexes(store: Store, settings: Settings) -> list[dict[str, Any]]:
@@ -82,7 +120,7 @@ def read_redis(client: redis.Redis) -> dict[str, Any]:
 def build_report(client: redis.Redis, store: Store | None, settings: Settings) -> Report:
     """Read heartbeats, queues, counters and the store into one report with alerts."""
     workers = read_workers(client)
-    depths = {q: int(client.llen(q)) for q in QUEUES}
+    depths = read_depths(client, workers)
     now = datetime.now(UTC).timestamp()
     last = read_usage(client, 60, now - 60)
     usage = read_usage(client, settings.slo_window_s, now)
@@ -102,6 +140,8 @@ def build_report(client: redis.Redis, store: Store | None, settings: Settings) -
         slos=slos,
         indexes=indexes,
         redis=read_redis(client),
+        costs=cost_report(workers),
+        stranded=read_stranded(client, workers),
     )
     report.alerts = alerts(report, settings, store_error)
     if warning := check_eviction_policy(client):
@@ -121,6 +161,11 @@ def alerts(report: Report, settings: Settings, store_error: str | None = None) -
     for queue, depth in report.queue_depths.items():
         if depth and not report.workers.get(queue):
             out.append(f"{depth} tasks wait on '{queue}' and no worker consumes it")
+    for name, depth in report.stranded.items():
+        out.append(
+            f"{depth} tasks wait on '{name}', the own queue of a worker that stopped beating: "
+            "restart that worker (its supervisor does), or they wait until it returns"
+        )
     for slo in report.slos:
         if slo["violated"]:
             out.append(
@@ -172,9 +217,15 @@ def render(report: Report) -> str:
         for b in beats:
             speed = f"{b['texts_per_s']:.0f} texts/s" if b.get("texts_per_s") else "idle"
             port = f", metrics :{b['metrics_port']}" if b.get("metrics_port") else ""
-            lines.append(f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}")
+            price = _price(report.costs.get("workers", {}).get(queue, {}).get(b["hostname"]))
+            if "own_queue_depth" in b:
+                port += f", {b['own_queue_depth']} waiting on its own queue"
+            lines.append(
+                f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}{price}"
+            )
     depths = ", ".join(f"{q} {d}" for q, d in report.queue_depths.items())
     lines.append(f"queues: {depths}")
+    lines.extend(render_costs(report.costs))
     if memory := report.redis:
         cap = f"of {memory['maxmemory_mb']} MB" if memory.get("maxmemory_mb") else "(no maxmemory)"
         lines.append(f"redis: {memory['used_mb']} MB {cap}, {memory['policy']}")
@@ -201,3 +252,21 @@ def render(report: Report) -> str:
     lines.append("alerts:" if report.alerts else "alerts: none")
     lines.extend(f"  ! {alert}" for alert in report.alerts)
     return "\n".join(lines)
+
+
+def _price(cost: dict[str, Any] | None) -> str:
+    """``, 0.12/1M tokens (0.05 at full use)`` for a worker or queue with a price."""
+    if not cost:
+        return ""
+    now = cost["cost_per_million_tokens"]
+    full = cost["cost_per_million_tokens_at_full"]
+    spent = "idle" if now is None else f"{now:.4g}/1M tokens"
+    return f", {spent} ({full:.4g} at full use, {cost['cost_per_hour']:g}/h)"
+
+
+def render_costs(costs: dict[str, Any]) -> list[str]:
+    """Cost per 1 M tokens per queue (EMBEDQ_COST_PER_HOUR over measured throughput)."""
+    queues = costs.get("queues") or {}
+    if not queues:
+        return ["cost: - (set EMBEDQ_COST_PER_HOUR on workers)"]
+    return ["cost:"] + [f"  {queue}: {_price(cost)[2:]}" for queue, cost in sorted(queues.items())]

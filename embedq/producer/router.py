@@ -4,6 +4,15 @@ An explicit ``queue=`` always wins. Otherwise: no live gpu worker -> cpu; no liv
 worker -> gpu; a large batch -> gpu unless its expected time is more than twice cpu's;
 a small one -> whichever queue is expected to finish it first (cpu on a tie, keeping the
 gpu for bulk work). Every decision is counted with its reason in Redis.
+
+``EMBEDQ_ROUTER_POLICY=cheapest`` first tries the queue with the lowest cost per text
+(``EMBEDQ_COST_PER_HOUR`` over measured texts/s) whose expected completion time meets
+``EMBEDQ_ROUTER_DEADLINE_MS``; when none does (or no queue is fully priced), the rules above.
+
+Within the chosen queue, workers that consume a direct queue of their own (``embedq worker
+--devices``: one per GPU) get a share of its tasks weighted by their expected completion
+time (measured texts/s over backlog), by smooth weighted round robin; workers without one
+share the queue itself, which all of them also consume.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +42,20 @@ LARGE_BATCH_TEXTS = 64
 PRIOR_TEXTS_PER_S = {"cuda": 3000.0, "mps": 500.0, "cpu": 100.0}
 TEXTS_PER_QUEUED_TASK = 64
 CACHE_S = 1.0
+# Tasks waiting in one worker's direct queue, at most: beyond that the shared queue takes
+# them (whoever is free first), so a worker that dies strands few tasks until it restarts.
+DIRECT_MAX_DEPTH = 8
 
 decisions: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One list a queue's tasks can be sent to: a worker's direct queue, or the shared one."""
+
+    name: str
+    texts_per_s: float
+    depth: int
 
 
 @dataclass(frozen=True)
@@ -43,10 +65,21 @@ class QueueState:
     workers: int
     texts_per_s: float
     depth: int
+    #: Summed EMBEDQ_COST_PER_HOUR of its workers; None unless every one has a price.
+    cost_per_hour: float | None = None
+    #: Direct queues of its workers (and the shared queue, when some workers have none).
+    lanes: tuple[Lane, ...] = ()
 
     def eta_s(self, n_texts: int) -> float:
         """Expected seconds until ``n_texts`` more texts would be done."""
         return (self.depth * TEXTS_PER_QUEUED_TASK + n_texts) / max(self.texts_per_s, 1e-6)
+
+    @property
+    def cost_per_text(self) -> float | None:
+        """Price of one text at the queue's speed; None without a price."""
+        if self.cost_per_hour is None:
+            return None
+        return self.cost_per_hour / (max(self.texts_per_s, 1e-6) * 3600)
 
 
 def decide(n_texts: int, states: dict[str, QueueState]) -> tuple[str, str]:
@@ -62,13 +95,81 @@ def decide(n_texts: int, states: dict[str, QueueState]) -> tuple[str, str]:
     return ("gpu", "gpu_sooner") if gpu_eta < cpu_eta else ("cpu", "cpu_sooner")
 
 
+def decide_cheapest(
+    n_texts: int, states: dict[str, QueueState], deadline_s: float
+) -> tuple[str, str] | None:
+    """The cheapest priced queue expected to finish ``n_texts`` within ``deadline_s``."""
+    priced = sorted(
+        (s.cost_per_text, queue)
+        for queue, s in states.items()
+        if s.workers and s.cost_per_text is not None
+    )
+    for _, queue in priced:
+        if states[queue].eta_s(n_texts) <= deadline_s:
+            return queue, "cheapest"
+    return None
+
+
+def decide_policy(
+    policy: str, n_texts: int, states: dict[str, QueueState], deadline_s: float
+) -> tuple[str, str]:
+    """(queue, reason) under ``policy``: cheapest when it finds a queue, else fastest."""
+    if policy == "cheapest" and (found := decide_cheapest(n_texts, states, deadline_s)):
+        return found
+    return decide(n_texts, states)
+
+
+def lane_weights(queue: str, lanes: Iterable[Lane], n_texts: int) -> dict[str, float]:
+    """Each lane's weight: the inverse of its expected completion time for ``n_texts``
+    (so, with no backlog, its texts/s); direct queues already full are left out."""
+    return {
+        lane.name: lane.texts_per_s / (lane.depth * TEXTS_PER_QUEUED_TASK + max(n_texts, 1))
+        for lane in lanes
+        if lane.name == queue or lane.depth < DIRECT_MAX_DEPTH
+    }
+
+
+def smooth_pick(weights: dict[str, float], current: dict[str, float]) -> str:
+    """Smooth weighted round robin (nginx's): each pick adds every weight to its lane's
+    running score, takes the highest and lowers it by the total. Over any run of picks each
+    lane's share follows its weight, interleaved; ``current`` carries the scores."""
+    for name in [n for n in current if n not in weights]:
+        del current[name]
+    for name, weight in weights.items():
+        current[name] = current.get(name, 0.0) + weight
+    best = max(current, key=lambda name: current[name])
+    current[best] -= sum(weights.values())
+    return best
+
+
+def _speed(beat: dict[str, Any]) -> float:
+    return beat["texts_per_s"] or PRIOR_TEXTS_PER_S.get(beat["device"], 100.0)
+
+
+def _price(beats: list[dict[str, Any]]) -> float | None:
+    costs = [b.get("cost_per_hour") for b in beats]
+    return None if any(c is None for c in costs) else float(sum(costs))  # type: ignore[arg-type]
+
+
+def _queue_state(client: redis.Redis, queue: str, beats: list[dict[str, Any]]) -> QueueState:
+    """One queue's state: its workers' speed and price, and the depth of each of its lists."""
+    direct = [b for b in beats if b.get("direct_queue")]
+    names = [queue, *(b["direct_queue"] for b in direct)]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    depths = dict(zip(names, (int(d) for d in pipe.execute()), strict=True))
+    lanes = [Lane(b["direct_queue"], _speed(b), depths[b["direct_queue"]]) for b in direct]
+    if lanes and (plain := sum(_speed(b) for b in beats if not b.get("direct_queue"))):
+        lanes.append(Lane(queue, plain, depths[queue]))
+    speed = sum(_speed(b) for b in beats)
+    return QueueState(len(beats), speed, sum(depths.values()), _price(beats), tuple(lanes))
+
+
 def read_states(client: redis.Redis) -> dict[str, QueueState]:
-    """Live workers per queue (from heartbeats), their summed speed, and queue depth."""
-    states = {}
-    for queue, beats in read_heartbeats(client).items():
-        speed = sum(b["texts_per_s"] or PRIOR_TEXTS_PER_S.get(b["device"], 100.0) for b in beats)
-        states[queue] = QueueState(len(beats), speed, int(client.llen(queue)))
-    return states
+    """Live workers per queue (from heartbeats), their summed speed and price, queue depth
+    (its direct queues included) and its lanes."""
+    return {q: _queue_state(client, q, beats) for q, beats in read_heartbeats(client).items()}
 
 
 class Router:
@@ -78,16 +179,37 @@ class Router:
         self._lock = threading.Lock()
         self._states: dict[str, QueueState] = {}
         self._read_at = -CACHE_S
+        # Smooth round-robin scores per queue (one entry per lane of that queue).
+        self._scores: dict[str, dict[str, float]] = {}
 
     def choose(self, n_texts: int) -> str:
-        """The queue for a request of ``n_texts`` texts."""
+        """The queue (or a worker's direct queue) for a request of ``n_texts`` texts."""
+        settings = get_settings()
         try:
-            queue, reason = decide(n_texts, self._current())
+            states = self._current()
+            queue, reason = decide_policy(
+                settings.router_policy, n_texts, states, settings.router_deadline_ms / 1000
+            )
         except redis.RedisError as exc:
             log.warning("router could not read heartbeats: %s", exc)
-            queue, reason = get_settings().default_queue, "router_error"
+            queue, reason, states = settings.default_queue, "router_error", {}
         count(queue, reason)
-        return queue
+        return self._spread(queue, states.get(queue), n_texts)
+
+    def lane(self, queue: str, n_texts: int) -> str:
+        """The lane of an explicitly chosen ``queue`` (itself when unknown or unreadable)."""
+        try:
+            return self._spread(queue, self._current().get(queue), n_texts)
+        except redis.RedisError:
+            return queue
+
+    def _spread(self, queue: str, state: QueueState | None, n_texts: int) -> str:
+        """The lane of ``queue`` this task goes to (the queue itself when it has none)."""
+        weights = lane_weights(queue, state.lanes, n_texts) if state else {}
+        if not weights:
+            return queue
+        with self._lock:
+            return smooth_pick(weights, self._scores.setdefault(queue, {}))
 
     def _current(self) -> dict[str, QueueState]:
         with self._lock:
@@ -113,7 +235,11 @@ def route_task(
     """Celery router. An explicit ``queue=`` wins (counted as such)."""
     if name not in ROUTED_TASKS:
         return None
+    n_texts = len(task_items(args, kwargs) or ())
     if explicit := options.get("queue"):
-        count(getattr(explicit, "name", str(explicit)), "explicit")
-        return None
-    return {"queue": router.choose(len(task_items(args, kwargs) or ()))}
+        name = getattr(explicit, "name", str(explicit))
+        count(name, "explicit")
+        # The caller picked the queue; which of its workers' own queues is still weighed.
+        lane = router.lane(name, n_texts)
+        return {"queue": lane} if lane != name else None
+    return {"queue": router.choose(n_texts)}

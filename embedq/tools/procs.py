@@ -23,10 +23,19 @@ READY_TIMEOUT_S = 600.0
 
 
 def worker_command(
-    queue: str = "cpu", *, hostname: str | None = None, loglevel: str | None = None
+    queue: str = "cpu",
+    *,
+    hostname: str | None = None,
+    loglevel: str | None = None,
+    devices: str | None = None,
 ) -> list[str]:
-    """``python -m embedq.cli worker`` for ``queue`` (this interpreter, so this checkout)."""
+    """``python -m embedq.cli worker`` for ``queue`` (this interpreter, so this checkout);
+    ``devices`` (``all``, ``0,1``, ``cpu,cpu``): one worker per device, named
+    ``<queue>-<N>@host``, under one supervisor process (wait for them with
+    :func:`wait_ready`, ``hostname=f"{queue}-*"`` and ``expected`` the number of devices)."""
     cmd = [sys.executable, "-m", "embedq.cli", "worker", "--queue", queue]
+    if devices:
+        cmd += ["--devices", devices]
     if hostname:
         cmd += ["--hostname", hostname]
     if loglevel:
@@ -102,15 +111,19 @@ def wait_ready(
     queue: str = "cpu",
     hostname: str = "*",
     timeout_s: float = READY_TIMEOUT_S,
+    expected: int | None = None,
 ) -> None:
-    """Wait until as many heartbeats of ``queue`` (``hostname``, a glob) as ``procs`` are
-    in Redis; raise ``RuntimeError`` when one of them exits first or time runs out."""
+    """Wait until as many heartbeats of ``queue`` (``hostname``, a glob) as ``procs`` (or
+    ``expected``) are in Redis; raise ``RuntimeError`` when one of ``procs`` exits first or
+    time runs out."""
     deadline = time.monotonic() + timeout_s
-    while len(heartbeats(redis_url, queue, hostname)) < len(procs):
+    while len(heartbeats(redis_url, queue, hostname)) < (expected or len(procs)):
         if dead := [p.args for p in procs if p.poll() is not None]:
             raise RuntimeError(f"worker exited before it was ready: {dead}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{len(procs)} worker(s) not ready after {timeout_s:.0f} s")
+            raise RuntimeError(
+                f"{expected or len(procs)} worker(s) not ready after {timeout_s:.0f} s"
+            )
         time.sleep(0.2)
 
 

@@ -67,6 +67,9 @@ class BatcherStats:
     largest_batch: int = 0
     splits: int = 0
     failed_texts: int = 0
+    #: Real (unpadded) tokens encoded, and the model's seconds spent on them (for cost).
+    tokens_encoded: int = 0
+    encode_seconds: float = 0.0
 
     def record_batch(self, count: int, padded: int, tokens: int = 0, seconds: float = 0.0) -> None:
         """Count one encoded batch of ``count`` texts costing ``padded`` tokens."""
@@ -74,6 +77,8 @@ class BatcherStats:
         self.texts_encoded += count
         self.padded_tokens += padded
         self.largest_batch = max(self.largest_batch, count)
+        self.tokens_encoded += tokens
+        self.encode_seconds += seconds
 
 
 def encode_all(

@@ -67,6 +67,7 @@ def _start_heartbeat(consumer: Any) -> None:
         lambda: runtime.batcher.stats.texts_encoded,
         extra={"metrics_port": port, "pid": os.getpid()},
         live=lambda: {"max_batch_tokens": runtime.batcher.max_batch_tokens},
+        work=lambda: (runtime.batcher.stats.tokens_encoded, runtime.batcher.stats.encode_seconds),
     )
     beat.start()
     _heartbeats.append(beat)

@@ -1,0 +1,66 @@
+"""The heartbeat registry's readers: who is alive on which queue, and who stopped.
+
+Heartbeats expired for more than ``PRUNE_AFTER_S`` (1 h, :mod:`embedq.ops.heartbeat`) are
+removed by the next live beat.
+
+Kept apart from :mod:`embedq.ops.heartbeat` (the writer) so that metrics can read the
+registry without importing the broker client (which imports metrics).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from embedq.keys import HEARTBEAT_EXPIRY_KEY, HEARTBEATS_KEY, heartbeat_owner
+
+NOW_LUA = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+
+# KEYS: payloads, expiry. ARGV[1]: "alive" or "expired". Returns member, payload pairs.
+READ_LUA = (
+    NOW_LUA
+    + """
+local members
+if ARGV[1] == 'alive' then
+  members = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
+else
+  members = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
+end
+local out = {}
+for _, member in ipairs(members) do
+  out[#out + 1] = member
+  out[#out + 1] = redis.call('HGET', KEYS[1], member)
+end
+return out
+"""
+)
+
+
+def _read(client: redis.Redis, which: str) -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    script = client.register_script(READ_LUA)
+    flat = script(keys=[HEARTBEATS_KEY, HEARTBEAT_EXPIRY_KEY], args=[which])
+    for member, raw in zip(flat[::2], flat[1::2], strict=True):
+        if raw:
+            queue, _ = heartbeat_owner(member.decode() if isinstance(member, bytes) else member)
+            found.setdefault(queue, []).append(json.loads(raw))
+    for beats in found.values():
+        beats.sort(key=lambda beat: str(beat.get("hostname")))
+    return found
+
+
+def read_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
+    """Live workers' heartbeats, by queue (the router, status and the API read them)."""
+    return _read(client, "alive")
+
+
+def read_expired_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
+    """Heartbeats that stopped within the last ``PRUNE_AFTER_S`` (workers presumed dead)."""
+    return _read(client, "expired")
+
+
+def live_hostnames(client: redis.Redis) -> set[str]:
+    """Hostnames of the workers whose heartbeat is current, on any queue."""
+    return {beat["hostname"] for beats in read_heartbeats(client).values() for beat in beats}
