@@ -73,6 +73,9 @@ class Flight:
             encode(list(range(len(keys))))
             return {}
         held = self._claim(keys)
+        if held is None:
+            encode(list(range(len(keys))))
+            return {}
         mine = [i for i, ok in enumerate(held) if ok]
         theirs = [i for i, ok in enumerate(held) if not ok]
         if mine:
@@ -86,8 +89,9 @@ class Flight:
             encode(rest)
         return found
 
-    def _claim(self, keys: Sequence[str]) -> list[bool]:
-        """One pipeline of SET NX PX: True where this worker now holds the lease."""
+    def _claim(self, keys: Sequence[str]) -> list[bool] | None:
+        """One pipeline of SET NX PX: True where this worker now holds the lease; None
+        when Redis failed (this worker then encodes everything itself)."""
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             pipe.set(vector_lease_key(key), self.token, nx=True, px=self.lease_ms)
@@ -95,7 +99,7 @@ class Flight:
             held = [bool(ok) for ok in pipe.execute()]
         except redis.RedisError as exc:
             self._failed("lease", exc)
-            return [True] * len(keys)
+            return None
         self.stats.leased += sum(held)
         return held
 
