@@ -168,9 +168,9 @@ def decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     out = np.empty((len(blobs), dim), dtype=np.float32)
     if not blobs:
         return out
-    kinds = {(len(b), vector_dtype(b)) for b in blobs}
-    if len(kinds) == 1:
-        return _decode_uniform(b"".join(blobs), len(blobs), kinds.pop()[1], dim)
+    # Past 4 dimensions the three layouts differ in length: one length means one dtype.
+    if dim > 4 and len({len(b) for b in blobs}) == 1:
+        return _decode_uniform(b"".join(blobs), len(blobs), vector_dtype(blobs[0]), dim)
     for i, blob in enumerate(blobs):
         out[i] = decode_vector(blob)
     return out
