@@ -1,8 +1,9 @@
 """Single flight across workers (embedq.worker.flight), against the real test Redis.
 
 Two ``Flight`` objects with their own caches stand for two workers; ``encode`` callbacks
-record what each was asked to encode (the lease logic is what is tested here; the soak test
-in test_flight_cluster.py runs it with real workers and the real model).
+record what each was asked to encode (the lease logic is what is tested here); the last test
+runs two batchers with the real model (128 texts encoded instead of 64 without single
+flight). The soak test in test_flight_cluster.py runs it with four real worker processes.
 """
 
 from __future__ import annotations
@@ -124,3 +125,31 @@ def test_redis_down_means_every_worker_encodes_its_own_misses():
 def _swallow(fn, *args) -> None:
     with contextlib.suppress(RuntimeError):
         fn(*args)
+
+
+def test_two_batchers_with_the_real_model_encode_each_shared_miss_once(runtime, redis_client):
+    from embedq.worker.batcher import Batcher
+
+    tag = uuid.uuid4().hex[:8]
+    texts = [f"{tag}: the {i}th sentence both workers were asked for at once" for i in range(64)]
+    pair = []
+    for _ in range(2):
+        cache = RedisCache(redis_client, ttl_s=60, lru_items=1000)
+        pair.append(
+            Batcher(
+                runtime.encoder,
+                cache,
+                wait_s=0.0,
+                max_batch_size=256,
+                flight=Flight(cache, LEASE_MS),
+            )
+        )
+    try:
+        futures = [b.submit(texts, True) for b in pair]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        for b in pair:
+            b.close()
+    assert sum(b.stats.texts_encoded for b in pair) == len(texts)
+    for a, b in zip(results[0].vectors, results[1].vectors, strict=True):
+        assert float(a @ b) > 0.9999
