@@ -2,11 +2,14 @@
 
 Registered with kombu as ``embedq-msgpack``. A 384-dim vector costs 1,536 bytes instead of
 about 7,500 as JSON text, and ``.get()`` hands the caller an :class:`Embeddings` array.
+
+Also the compact vector format of store rows and cache values (``EMBEDQ_VECTOR_DTYPE``):
+float32, float16 or int8, each blob saying which it is, always decoded to float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from typing import Any
 
@@ -80,3 +83,106 @@ def loads(data: bytes) -> Any:
 def register_serializer() -> None:
     """Make ``embedq-msgpack`` known to kombu (idempotent)."""
     register(SERIALIZER, dumps, loads, content_type=CONTENT_TYPE, content_encoding="binary")
+
+
+# --- Compact vectors (store rows and cache values) -------------------------------------
+# float32 is stored bare (4 bytes a dimension), as embedq always wrote it. A compact vector
+# starts with a 4-byte tag that reads as a float32 NaN (payload "Q" and a type byte): no
+# stored vector holds NaN, so an old bare float32 row is never mistaken for a tagged one.
+VECTOR_DTYPES = ("float32", "float16", "int8")
+_TAG_FLOAT16 = bytes([0x10, 0x51, 0xC5, 0x7F])
+_TAG_INT8 = bytes([0x08, 0x51, 0xC5, 0x7F])
+_TAG_BYTES = 4
+# int8 rows carry their scale (float32) after the tag: a row reads the same after the
+# collection is recalibrated.
+_INT8_HEAD = _TAG_BYTES + 4
+# Calibration clips the rarest components: a finer step for the rest is worth more.
+INT8_QUANTILE = 0.9999
+
+
+def vector_dtype(blob: bytes) -> str:
+    """The dtype ``blob`` was encoded with (by its tag; untagged blobs are float32)."""
+    tag = bytes(blob[:_TAG_BYTES])
+    if tag == _TAG_FLOAT16 and len(blob) % 2 == 0:
+        return "float16"
+    if tag == _TAG_INT8 and len(blob) >= _INT8_HEAD:
+        return "int8"
+    return "float32"
+
+
+def vector_dim(blob: bytes) -> int:
+    """Dimensions of the vector in ``blob``, whatever its dtype."""
+    kind = vector_dtype(blob)
+    if kind == "float16":
+        return (len(blob) - _TAG_BYTES) // 2
+    if kind == "int8":
+        return len(blob) - _INT8_HEAD
+    return len(blob) // 4
+
+
+def int8_scale(vectors: np.ndarray, quantile: float = INT8_QUANTILE) -> float:
+    """The int8 step for ``vectors``: their ``quantile`` absolute component over 127."""
+    values = np.abs(np.asarray(vectors, dtype=np.float32)).ravel()
+    if not values.size:
+        return 1.0 / 127
+    top = float(np.quantile(values, quantile)) if values.size > 1 else float(values[0])
+    return top / 127 if top > 0 else 1.0 / 127
+
+
+def encode_vector(vector: np.ndarray, dtype: str = "float32", scale: float | None = None) -> bytes:
+    """``vector`` as stored bytes in ``dtype``; int8 uses ``scale`` (default: its own)."""
+    values = np.asarray(vector, dtype=np.float32).ravel()
+    if dtype == "float32":
+        return values.tobytes()
+    if dtype == "float16":
+        return _TAG_FLOAT16 + values.astype(np.float16).tobytes()
+    if dtype == "int8":
+        step = np.float32(scale if scale else int8_scale(values, 1.0))
+        codes = np.clip(np.rint(values / step), -127, 127).astype(np.int8)
+        return _TAG_INT8 + step.tobytes() + codes.tobytes()
+    raise ValueError(f"unknown vector dtype {dtype!r}: use one of {', '.join(VECTOR_DTYPES)}")
+
+
+def decode_vector(blob: bytes, as_stored: bool = False) -> np.ndarray:
+    """The float32 vector in ``blob`` (any dtype embedq wrote). ``as_stored``: the stored
+    values instead (float16, or int8 codes, whose step :func:`vector_scale` gives)."""
+    kind = vector_dtype(blob)
+    if kind == "float16":
+        half = np.frombuffer(blob, dtype=np.float16, offset=_TAG_BYTES)
+        return half if as_stored else half.astype(np.float32)
+    if kind == "int8":
+        codes = np.frombuffer(blob, dtype=np.int8, offset=_INT8_HEAD)
+        return codes if as_stored else codes.astype(np.float32) * vector_scale(blob)
+    return np.frombuffer(blob, dtype=np.float32)
+
+
+def vector_scale(blob: bytes) -> float:
+    """The int8 step of ``blob`` (1.0 for float dtypes)."""
+    if vector_dtype(blob) != "int8":
+        return 1.0
+    return float(np.frombuffer(blob, dtype=np.float32, count=1, offset=_TAG_BYTES)[0])
+
+
+def decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    """Rows of float32 vectors, one per blob; rows that share a layout decode at once."""
+    out = np.empty((len(blobs), dim), dtype=np.float32)
+    if not blobs:
+        return out
+    # Past 4 dimensions the three layouts differ in length: one length means one dtype.
+    if dim > 4 and len({len(b) for b in blobs}) == 1:
+        return _decode_uniform(b"".join(blobs), len(blobs), vector_dtype(blobs[0]), dim)
+    for i, blob in enumerate(blobs):
+        out[i] = decode_vector(blob)
+    return out
+
+
+def _decode_uniform(joined: bytes, rows: int, kind: str, dim: int) -> np.ndarray:
+    """Blobs of one dtype and width, joined, decoded as one array (no per-row work)."""
+    raw = np.frombuffer(joined, dtype=np.uint8).reshape(rows, -1)
+    if kind == "float32":
+        return raw.view(np.float32).reshape(rows, dim)
+    if kind == "float16":
+        return raw[:, _TAG_BYTES:].copy().view(np.float16).astype(np.float32).reshape(rows, dim)
+    scales = raw[:, _TAG_BYTES:_INT8_HEAD].copy().view(np.float32)
+    codes = raw[:, _INT8_HEAD:].view(np.int8).astype(np.float32)
+    return (codes * scales).reshape(rows, dim)

@@ -31,6 +31,16 @@ def vector_key(model_id: str, normalize: bool, text: str) -> str:
     return f"{VECTOR_PREFIX}:{digest.hexdigest()}"
 
 
+# Single flight: a worker encoding a missed text holds VECTOR_LEASE_PREFIX:<digest> (a
+# short TTL) so other workers wait for its cache entry instead of encoding it too.
+VECTOR_LEASE_PREFIX = f"{PREFIX}:veclease"
+
+
+def vector_lease_key(cache_key: str) -> str:
+    """The single-flight lease of the cache entry ``cache_key`` (see :func:`vector_key`)."""
+    return f"{VECTOR_LEASE_PREFIX}:{cache_key.rsplit(':', 1)[-1]}"
+
+
 def stats_key(name: str) -> str:
     """Counter or gauge kept in Redis for operators."""
     return f"{STATS_PREFIX}:{name}"

@@ -98,6 +98,17 @@ class Settings(BaseSettings):
         description="Cache on the broker's Redis: no vector is written while that Redis "
         "uses more than this share of its maxmemory (queued tasks keep the rest).",
     )
+    vector_dtype: Literal["float32", "float16", "int8"] = Field(
+        "float32",
+        description="How the store and the cache keep vectors: float32 (4 bytes a dimension), "
+        "float16 (2) or int8 (1, a scale calibrated per collection); reads decode any of them.",
+    )
+    cache_lease_ms: int = Field(
+        5000,
+        ge=0,
+        description="Single flight: the first worker to miss a text leases it this long while "
+        "it encodes; others wait for its cache entry (at most this long); 0: off.",
+    )
     worker_concurrency: int = Field(
         32, description="Tasks a worker runs at once (threads feeding one batcher)."
     )

@@ -137,6 +137,8 @@ def _build_locked(
     if state is None:
         state = next((s for s in store.states() if s.collection == collection), None)
     snap = store.snapshot(collection)
+    # int8 stores: writes from now on use a scale fitted to everything stored so far.
+    scale = store.calibrate(collection, snap.vectors)
     started = time.perf_counter()
     dim = snap.vectors.shape[1] if len(snap.pks) else 1
     index = create_index(INDEX_KIND, dim)
@@ -153,6 +155,8 @@ def _build_locked(
         "build_s": round(time.perf_counter() - started, 3),
         "sha256": sha256(data),
     }
+    if scale is not None:
+        meta["int8_scale"] = scale
     lock.check()  # a build whose lock expired may race a newer one: publish nothing
     version = store.put_blob(blob_name(collection), data, meta, taken_at=snap.taken_at)
     write_atomically(index_dir(data_dir, collection) / f"v{version}.blob", data)

@@ -187,3 +187,8 @@ class BlobStore(ABC):
 
 class Store(ItemStore, BlobStore):
     """What the SQL backend provides: items and blobs in one database."""
+
+    def calibrate(self, collection: str, vectors: np.ndarray) -> float | None:
+        """Recalibrate how ``collection``'s vectors are compacted from ``vectors`` (its
+        stored ones, at an index rebuild); returns the new int8 scale, None if not int8."""
+        return None

@@ -32,6 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from embedq.codec import decode_vector, decode_vectors, vector_dim
 from embedq.errors import StaleVersionError, StoreError
 from embedq.settings import Settings, get_settings
 from embedq.store import migrations
@@ -45,6 +46,7 @@ from embedq.store.base import (
     now_version,
 )
 from embedq.store.engine import brief, make_engine, retry_policy
+from embedq.store.vectors import VectorFormat
 
 # SQLite allows 32,766 bound parameters per statement; 15 columns x 1,000 rows stays under.
 ROWS_PER_STATEMENT = 1000
@@ -140,7 +142,7 @@ def _statement_batches(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, An
         yield rows[start : start + ROWS_PER_STATEMENT]
 
 
-def _row(item: Item, now: datetime) -> dict[str, Any]:
+def _row(item: Item, now: datetime, pack: Callable[[np.ndarray], bytes]) -> dict[str, Any]:
     vector = np.asarray(item.vector, dtype=np.float32)
     return {
         "collection": item.collection,
@@ -150,7 +152,7 @@ def _row(item: Item, now: datetime) -> dict[str, Any]:
         "metadata": item.metadata or {},
         "model": item.model,
         "dim": int(vector.shape[-1]),
-        "vector": vector.tobytes(),
+        "vector": pack(vector),
         "truncated": item.truncated,
         "parent_id": item.parent_id,
         "chunk_index": item.chunk_index,
@@ -174,7 +176,7 @@ def _item(row: ItemRow) -> Item:
         collection=row.collection,
         id=row.external_id,
         text=row.text,
-        vector=np.frombuffer(row.vector, dtype=np.float32),
+        vector=decode_vector(row.vector),
         model=row.model,
         content_hash=row.content_hash,
         metadata=row.meta or {},
@@ -216,6 +218,7 @@ class SQLStore(Store):
         self.dialect = self.engine.dialect.name
         self.retry = retry_policy(self.dialect, settings)
         self._migrate()
+        self.format = VectorFormat(self, settings.vector_dtype)
 
     @_store_errors("create or update the tables")
     def _migrate(self) -> None:
@@ -232,7 +235,8 @@ class SQLStore(Store):
         if not items:
             return 0
         now = datetime.now(UTC)
-        rows = [_row(item, now) for item in items]
+        packers = self._packers(items)
+        rows = [_row(item, now, packers[item.collection]) for item in items]
         stmt = self._insert()
         # created_at stays as first written; everything else takes the new values, unless
         # the row was written by a newer request (a redelivered old task must not undo it).
@@ -246,6 +250,19 @@ class SQLStore(Store):
         except SQLAlchemyError as exc:
             raise StoreError(f"could not write {len(rows)} items: {brief(exc)}") from exc
         return len(rows)
+
+    def _packers(self, items: Sequence[Item]) -> dict[str, Callable[[np.ndarray], bytes]]:
+        """Each collection's vector encoder (int8: with the collection's scale)."""
+        batches: dict[str, list[np.ndarray]] = {}
+        for item in items:
+            batches.setdefault(item.collection, []).append(item.vector)
+        return {c: self.format.packer(c, np.asarray(v)) for c, v in batches.items()}
+
+    def calibrate(self, collection: str, vectors: np.ndarray) -> float | None:
+        """Recalibrate ``collection``'s int8 scale from ``vectors`` (int8 stores only)."""
+        if self.format.dtype != "int8" or not len(vectors):
+            return None
+        return self.format.calibrate(collection, vectors)
 
     def _write(self, stmt: Any, rows: list[dict[str, Any]]) -> None:
         with self.engine.begin() as conn:
@@ -367,12 +384,10 @@ class SQLStore(Store):
             rows = conn.execute(query.order_by(ItemRow.pk)).all()
         pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         stamps = np.fromiter((micros(r[1]) for r in rows), dtype=np.int64, count=len(rows))
-        dim = len(rows[0][2]) // 4 if rows else 0
-        if any(len(r[2]) != 4 * dim for r in rows):
-            widths = sorted({len(r[2]) // 4 for r in rows})
-            raise StoreError(f"collection {collection!r} mixes vector dimensions {widths}")
-        blob = b"".join(r[2] for r in rows)
-        vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
+        widths = {vector_dim(r[2]) for r in rows}
+        if len(widths) > 1:
+            raise StoreError(f"collection {collection!r} mixes vector dimensions {sorted(widths)}")
+        vectors = decode_vectors([r[2] for r in rows], widths.pop() if rows else 0)
         return Snapshot(pks, vectors, taken_at, stamps)
 
     @_store_errors("read update times")
@@ -509,8 +524,7 @@ class SQLStore(Store):
 
 def _vector_page(rows: Sequence[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
     pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    blob = b"".join(r[1] for r in rows)
-    return pks, np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
+    return pks, decode_vectors([r[1] for r in rows], dim)
 
 
 def _check_forward(name: str, current: BlobVersion, taken_at: datetime | None) -> None:

@@ -23,7 +23,8 @@ from embedq.errors import EncoderError
 from embedq.keys import vector_key
 from embedq.ops import metrics
 from embedq.worker.budget import BudgetTuner
-from embedq.worker.cache import Cache, pack_vector, unpack_vector
+from embedq.worker.cache import Cache, unpack_vector
+from embedq.worker.flight import Flight
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +230,12 @@ class Batcher:
         max_batch_tokens: int | None = None,
         adaptive: bool = False,
         latency_target_s: float | None = None,
+        flight: Flight | None = None,
     ) -> None:
         self.encoder = encoder
         self.cache = cache
+        # Single flight across workers (None: every worker encodes its own misses).
+        self.flight = flight
         self.wait_s = wait_s
         self.max_batch_size = max_batch_size
         # A budget given here is fixed; otherwise the encoder's is where learning starts.
@@ -330,6 +334,31 @@ class Batcher:
         hits[misses] = False
         if not misses:
             return vectors, truncated, hits, {}
+        failed: dict[int, str] = {}
+
+        def encode(rows: list[int]) -> None:
+            todo = [misses[r] for r in rows]
+            failed.update(self._encode_misses(unique, keys, todo, normalize, vectors, truncated))
+
+        if self.flight is None:
+            encode(list(range(len(misses))))
+            return vectors, truncated, hits, failed
+        # Texts another worker was encoding come from its cache entry, as hits.
+        for r, value in self.flight.serve([keys[i] for i in misses], encode).items():
+            vectors[misses[r]], truncated[misses[r]] = unpack_vector(value)
+            hits[misses[r]] = True
+        return vectors, truncated, hits, failed
+
+    def _encode_misses(
+        self,
+        unique: list[str],
+        keys: list[str],
+        misses: list[int],
+        normalize: bool,
+        vectors: np.ndarray,
+        truncated: np.ndarray,
+    ) -> dict[int, str]:
+        """Encode ``unique[misses]`` into ``vectors``, cache them; returns failures by position."""
         tok = self.encoder.tokenize([unique[i] for i in misses])
         enc = encode_all(
             self.encoder,
@@ -343,12 +372,12 @@ class Batcher:
         vectors[misses], truncated[misses] = enc.vectors, tok.truncated
         self.stats.failed_texts += len(enc.failed)
         fills = {
-            keys[i]: pack_vector(enc.vectors[j], bool(tok.truncated[j]))
+            keys[i]: self.cache.pack(enc.vectors[j], bool(tok.truncated[j]))
             for j, i in enumerate(misses)
             if j not in enc.failed
         }
         self.cache.set_many(fills)
-        return vectors, truncated, hits, {misses[j]: why for j, why in enc.failed.items()}
+        return {misses[j]: why for j, why in enc.failed.items()}
 
 
 def _resolve(

@@ -21,6 +21,7 @@ import redis
 from cachetools import LRUCache
 
 from embedq.broker.client import MemoryWatch, describe, throttled_warning
+from embedq.codec import decode_vector, encode_vector
 from embedq.ops import metrics
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,15 @@ _TRUNCATED = b"\x01"
 _WHOLE = b"\x00"
 
 
-def pack_vector(vector: np.ndarray, truncated: bool) -> bytes:
-    """Cache value: the float32 bytes, then one byte saying whether the text was cut."""
-    return np.asarray(vector, dtype=np.float32).tobytes() + (_TRUNCATED if truncated else _WHOLE)
+def pack_vector(vector: np.ndarray, truncated: bool, dtype: str = "float32") -> bytes:
+    """Cache value: the vector in ``dtype`` (int8: scaled to itself, see
+    :func:`~embedq.codec.encode_vector`), then one byte saying whether the text was cut."""
+    return encode_vector(vector, dtype) + (_TRUNCATED if truncated else _WHOLE)
 
 
 def unpack_vector(value: bytes) -> tuple[np.ndarray, bool]:
-    """Inverse of :func:`pack_vector`."""
-    return np.frombuffer(value[:-1], dtype=np.float32), value[-1:] == _TRUNCATED
+    """Inverse of :func:`pack_vector`: a float32 vector, whatever dtype it was cached in."""
+    return decode_vector(value[:-1]), value[-1:] == _TRUNCATED
 
 
 @dataclass
@@ -58,6 +60,12 @@ class Cache(ABC):
     """Maps cache keys to packed vectors. Misses are ``None``."""
 
     stats: CacheStats
+    # How vectors are packed into this cache (EMBEDQ_VECTOR_DTYPE).
+    dtype: str = "float32"
+
+    def pack(self, vector: np.ndarray, truncated: bool) -> bytes:
+        """One cache value in this cache's dtype."""
+        return pack_vector(vector, truncated, self.dtype)
 
     @abstractmethod
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -83,8 +91,10 @@ class RedisCache(Cache):
         lru_items: int,
         max_share: float | None = None,
         check_s: float = 5.0,
+        dtype: str = "float32",
     ) -> None:
         self.client = client
+        self.dtype = dtype
         self.ttl_s = ttl_s
         self.lru: LRUCache[str, bytes] = LRUCache(maxsize=max(1, lru_items))
         self.stats = CacheStats()
@@ -127,8 +137,22 @@ class RedisCache(Cache):
         if pipeline is None:
             self._execute(pipe)
 
+    def warm(self, items: Mapping[str, bytes]) -> None:
+        """Put ``items`` (read from Redis elsewhere) in the in-process LRU only."""
+        with self._lock:
+            self.lru.update(items)
+
     def _paused(self) -> bool:
         return time.monotonic() < self._paused_until
+
+    @property
+    def available(self) -> bool:
+        """False while Redis is left alone after a failure (the LRU answers alone)."""
+        return not self._paused()
+
+    def pause(self) -> None:
+        """Leave Redis alone for :data:`PAUSE_S` (after a failure)."""
+        self._paused_until = time.monotonic() + PAUSE_S
 
     def _has_room(self, count: int) -> bool:
         state = self.memory.state() if self.memory is not None else None
@@ -150,7 +174,7 @@ class RedisCache(Cache):
     def _failed(self, op: str, exc: redis.RedisError) -> None:
         self.stats.errors += 1
         metrics.CACHE_ERRORS.labels(op).inc()
-        self._paused_until = time.monotonic() + PAUSE_S
+        self.pause()
         what = "lookup failed, encoding instead" if op == "read" else "fill failed"
         throttled_warning(
             log, f"cache-{op}", "cache %s (a miss, not an error): %s", what, describe(exc)

@@ -24,6 +24,7 @@ from embedq.store.base import Fingerprint, Item, Store, meta_hash, now_version
 from embedq.store.factory import create_store
 from embedq.worker.batcher import Batcher
 from embedq.worker.cache import RedisCache
+from embedq.worker.flight import Flight
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ class Runtime:
         client, shared = cache_client(settings.cache_url)
         # On the broker's Redis the cache keeps to its share; on its own Redis, LRU rules.
         share = settings.cache_max_share if shared else None
-        self.cache = RedisCache(client, settings.cache_ttl_s, settings.lru_items, share)
+        self.cache = RedisCache(
+            client, settings.cache_ttl_s, settings.lru_items, share, dtype=settings.vector_dtype
+        )
         self.batcher = Batcher(
             self.encoder,
             self.cache,
@@ -45,6 +48,7 @@ class Runtime:
             max_batch_size=settings.max_batch_size,
             adaptive=settings.learns_batch_budget,
             latency_target_s=(settings.batch_latency_target_ms or 0) / 1000 or None,
+            flight=Flight(self.cache, settings.cache_lease_ms) if settings.cache_lease_ms else None,
         )
         self._store: Store | None = None
         self._store_lock = threading.Lock()
