@@ -37,7 +37,9 @@ def worker(
     argv = ["worker", "-Q", queue, "-n", hostname or f"{queue}@%h", "--loglevel", loglevel]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
-    app.worker_main(argv)
+    # app.start returns the worker's exit code (worker_main drops it): a worker stopped by a
+    # failed device exits 70, so its supervisor restarts it.
+    raise typer.Exit(app.start(argv) or 0)
 
 
 @cli.command()

@@ -24,6 +24,7 @@ from embedq.store.base import Fingerprint, Item, Store, meta_hash, now_version
 from embedq.store.factory import create_store
 from embedq.worker.batcher import Batcher
 from embedq.worker.cache import RedisCache
+from embedq.worker.stop import stop_worker
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Runtime:
             max_batch_size=settings.max_batch_size,
             adaptive=settings.learns_batch_budget,
             latency_target_s=(settings.batch_latency_target_ms or 0) / 1000 or None,
+            on_fatal=stop_worker,
         )
         self._store: Store | None = None
         self._store_lock = threading.Lock()
