@@ -37,9 +37,11 @@ def worker(
     argv = ["worker", "-Q", queue, "-n", hostname or f"{queue}@%h", "--loglevel", loglevel]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
-    # app.start returns the worker's exit code (worker_main drops it): a worker stopped by a
-    # failed device exits 70, so its supervisor restarts it.
-    raise typer.Exit(app.start(argv) or 0)
+    app.worker_main(argv)
+    from embedq.worker.stop import EX_SOFTWARE, device_failed
+
+    if device_failed():  # stopped by its failed device: exit non-zero, to be restarted
+        raise typer.Exit(EX_SOFTWARE)
 
 
 @cli.command()
