@@ -394,3 +394,33 @@ def test_a_gpu_queue_task_runs_on_the_device(runtime, raw_model):
     cosine = np.sum(np.asarray(vectors) * raw_model.encode(texts, normalize_embeddings=True), 1)
     assert runtime.encoder.model_id.endswith("+fp16") and cosine.min() >= 0.999
     assert runtime.batcher.stats.failed_texts == failed and _splits() == before
+
+
+# -- the benchmark's raw baseline -----------------------------------------------------------
+
+
+def test_the_raw_gpu_baseline_runs_at_its_best_batch_size(monkeypatch):
+    from embedq.tools import bench
+
+    class Model:
+        """Raw encode whose (fake) time depends on the batch size: 512 is fastest."""
+
+        batches: list[int] = []
+
+        def encode(self, texts, batch_size=32, normalize_embeddings=False):
+            self.batches.append(batch_size)
+
+        def tokenizer(self, texts, truncation):
+            return {"input_ids": [[1, 2, 3]] * len(texts)}
+
+    cost = {32: 9.0, 128: 4.0, 256: 2.0, 512: 1.0, 1024: 1.5}
+
+    def fake_median_time(fn, repeats, before=None):
+        fn()
+        return cost[Model.batches[-1]]
+
+    monkeypatch.setattr(bench, "median_time", fake_median_time)
+    figures = bench.raw_figures(Model(), ["a text"] * 8, 3, "cuda")
+    assert figures["batch"] == 512 and figures["seconds"] == 1.0
+    assert Model.batches[-5:] == [128, 256, 512, 1024, 512], "each tried once, then the best"
+    assert bench.raw_figures(Model(), ["a text"] * 8, 3, "cpu")["batch"] == 32
