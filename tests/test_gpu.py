@@ -392,7 +392,10 @@ def test_a_gpu_queue_task_runs_on_the_device(runtime, raw_model):
     before, failed = _splits(), runtime.batcher.stats.failed_texts
     vectors = embed_texts.apply_async((texts,), queue="gpu").get(timeout=120)
     cosine = np.sum(np.asarray(vectors) * raw_model.encode(texts, normalize_embeddings=True), 1)
-    assert runtime.encoder.model_id.endswith("+fp16") and cosine.min() >= 0.999
+    dtype = runtime.settings.gpu_dtype
+    model_id = runtime.encoder.model_id
+    assert model_id == tagged_model_id(model_id.split("+")[0], gpu_dtype(dtype))
+    assert cosine.min() >= COSINE_BOUND.get(dtype, 0.9999)
     assert runtime.batcher.stats.failed_texts == failed and _splits() == before
 
 
