@@ -372,7 +372,7 @@ def test_cuda_half_precision_vectors_match_fp32_raw_encode(raw_model, dtype):
 def test_the_batcher_on_cuda_learns_from_event_timed_batches(raw_model):
     encoder = TorchEncoder(Settings(device="cuda"))
     batcher = Batcher(encoder, DictCache(), wait_s=0.002, max_batch_size=256, adaptive=True)
-    texts = [d["text"] for d in load_pydoc()[:2048]]
+    texts = [d["text"] for d in load_pydoc()[:1024]]
     before = _splits()
     futures = [batcher.submit(texts[i : i + 64], True) for i in range(0, len(texts), 64)]
     vectors = np.concatenate([f.result(timeout=120).vectors for f in futures])
