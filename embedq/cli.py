@@ -56,6 +56,10 @@ def worker(
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     app.worker_main(argv)
+    from embedq.worker.stop import EX_SOFTWARE, device_failed
+
+    if device_failed():  # stopped by its failed device: exit non-zero, to be restarted
+        raise typer.Exit(EX_SOFTWARE)
 
 
 def _supervise(devices: str, queue: str, concurrency: int | None, loglevel: str) -> int:

@@ -31,6 +31,17 @@ class EncoderError(EmbedqError):
     """Encoding failed for a reason other than the input (even after splitting the batch)."""
 
 
+class DeviceFailedError(EncoderError):
+    """The device itself failed (CUDA illegal memory access, device-side assert, any other
+    "CUDA error"): its context is unusable, so the worker stops to be restarted and the
+    tasks in flight are retried elsewhere."""
+
+
+class NonFiniteVectorError(EncoderError):
+    """The model returned NaN or infinite values for a text, in its dtype and again in
+    fp32: the vector is refused (never cached or stored)."""
+
+
 class StoreError(EmbedqError):
     """The durable store refused a write or a read."""
 

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_memory_mb: int | None = Field(
         None, description="Memory cap for one batch; default: a share of free device memory."
     )
+    workers_per_device: int = Field(
+        1,
+        ge=1,
+        description="Worker processes sharing one GPU: each caps its batches at 1/N of the "
+        "device's memory share (set it on every worker of that GPU).",
+    )
     max_batch_tokens: int | None = Field(
         None,
         description="Padded tokens (longest x count) in one batch, at most; "

@@ -161,7 +161,9 @@ FAULTY_WORKER = textwrap.dedent(
         if any(tuple(i) in poisoned for i in ids):
             if os.environ.get("FAULT") == "die":
                 os._exit(137)  # as the kernel's OOM killer would
-            raise RuntimeError("CUDA error: an illegal memory access was encountered (planted)")
+            if os.environ.get("FAULT") == "fatal":  # the device, not the text: stop the worker
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (planted)")
+            raise RuntimeError("index out of range in self (planted)")
         return real_launch(self, ids, normalize)
 
     Encoder.tokenize, Encoder.launch = tokenize, launch
@@ -199,7 +201,7 @@ def test_a_task_that_always_crashes_the_encoder_fails_after_bounded_retries(tmp_
     print(f"\npoison task: {attempts} attempts, {result['outcome']}")
     assert result["state"] == "FAILURE"
     assert result["outcome"].startswith("EncoderError: 1 of 2 texts could not be encoded")
-    assert "illegal memory access" in result["outcome"]
+    assert "index out of range" in result["outcome"]
     assert attempts == 3, "the first try and two retries, then it stops"
     assert result["shapes"] == [[1, 384]] * 10, "the other tasks finish"
 
@@ -238,6 +240,26 @@ def test_a_task_that_kills_its_worker_is_stopped_as_poison(tmp_path, side_redis)
         good = send(environ, ["a healthy text"])
         wait_until(lambda: task_meta(backend, good).get("status"), 120, 0.5, "the healthy task")
     assert task_meta(backend, good).get("status") == "SUCCESS"
+
+
+@pytest.mark.soak
+def test_a_failed_device_stops_its_worker_and_the_task_finishes_on_the_next(tmp_path, side_redis):
+    # Soak: two worker starts (~30 s); the logic is tested in test_gpu.py without processes.
+    url = side_redis(11)
+    environ = isolated_env(tmp_path, url, FAULT="fatal", EMBEDQ_TASK_RETRY_BACKOFF_S="1")
+    bad = send(environ, ["a zyzzyva-poison text"])
+    backend, log = connect(url), tmp_path / "faulty.log"
+    began = time.monotonic()
+    with worker(environ, log, FAULTY, ready=False) as proc:
+        wait_until(lambda: proc.poll() is not None, 180, 0.5, "the faulty worker to stop")
+    print(f"\nfaulty worker stopped with {proc.returncode} after {time.monotonic() - began:.1f} s")
+    assert proc.returncode == 70, log.read_text()[-3000:]
+    assert "stopping this worker so it is restarted" in log.read_text()
+    # What its supervisor does: start it again (healthy now); the retried task finishes there.
+    with worker(environ, tmp_path / "healthy.log", ready=False):
+        wait_until(
+            lambda: task_meta(backend, bad).get("status") == "SUCCESS", 180, 0.5, "the retry"
+        )
 
 
 def send(environ: dict[str, str], texts: list[str]) -> str:

@@ -49,12 +49,20 @@ class Encoder(ABC):
 
     def launch(self, ids: list[list[int]], normalize: bool) -> Any:
         """Start encoding one batch; :meth:`fetch` returns its vectors. Backends that can
-        overlap (cuda) return before the work is done; the default just does it."""
+        overlap (cuda) return before the work is done; the default just does it.
+
+        A handle with a ``seconds`` attribute (set by :meth:`fetch`) tells the batcher how
+        long this batch alone took on the device; otherwise the batcher times it itself."""
         return self.embed_ids(ids, normalize)
 
     def fetch(self, handle: Any) -> np.ndarray:
         """The vectors of a batch started by :meth:`launch`."""
         return handle
+
+    def embed_fp32(self, ids: list[list[int]], normalize: bool) -> np.ndarray | None:
+        """The same batch in full precision, for rows whose vectors came out non-finite;
+        None when this encoder already runs in fp32 (nothing better to try)."""
+        return None
 
     @abstractmethod
     def bytes_per_token(self, seq_len: int) -> int:
@@ -92,8 +100,32 @@ class Encoder(ABC):
         return self.name in DEFAULT_MODEL_ALIASES and model in DEFAULT_MODEL_ALIASES
 
 
+# Allocation failures: torch.OutOfMemoryError ("CUDA out of memory"), MPS, cuBLAS handles.
+_OOM_MARKS = ("out of memory", "cublas_status_alloc_failed")
+# Errors after which a CUDA context is unusable (sticky): every later call fails too.
+_FATAL_MARKS = (
+    "cuda error",
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "cublas_status_execution_failed",
+    "cudnn_status_execution_failed",
+)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for allocation failures on any device (CUDA, MPS, host)."""
     if isinstance(exc, MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKS)
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """True for device failures no split can help (illegal memory access, device-side
+    assert, any "CUDA error" but out of memory): the worker must be restarted."""
+    if not isinstance(exc, RuntimeError) or is_out_of_memory(exc):
+        return False
+    # torch >= 2.8 raises CUDA errors as torch.AcceleratorError (no torch import here).
+    if type(exc).__name__ == "AcceleratorError":
+        return True
+    return any(mark in str(exc).lower() for mark in _FATAL_MARKS)

@@ -3,7 +3,8 @@
 For each device (cpu always, cuda when one is visible) and each data set (SICK sentences,
 pydoc docstrings, both mixed) it measures, on the same machine and the same texts:
 
-- raw: ``model.encode(texts, normalize_embeddings=True)`` in this process (fp16 on cuda);
+- raw: ``model.encode(texts, normalize_embeddings=True)`` in this process (on cuda in
+  ``EMBEDQ_GPU_DTYPE``, at its fastest batch size of 128-1024; 32 on cpu);
 - pipeline: tasks of ``chunk`` texts through Redis to an ``embedq worker`` subprocess of the
   device's queue and back; every cache is emptied before each repeat, so each text is
   really encoded;
@@ -84,25 +85,54 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
     }
 
 
+# A GPU user sets a large batch: raw encode on cuda is measured at the fastest of these.
+RAW_GPU_BATCH_SIZES = (128, 256, 512, 1024)
+# sentence-transformers' default, as a CPU user runs it.
+RAW_CPU_BATCH_SIZE = 32
+
+
 def raw_model(device: str) -> Any:
-    """The configured model (``EMBEDQ_MODEL``) as users load it; fp16 on cuda (as the gpu
-    worker runs it)."""
+    """The configured model (``EMBEDQ_MODEL``) as users load it; on cuda in
+    ``EMBEDQ_GPU_DTYPE`` (as the gpu worker runs it), loaded in that dtype."""
     from sentence_transformers import SentenceTransformer
 
     from embedq.encode.models import resolve_model_path
+    from embedq.encode.torch_backend import gpu_dtype
     from embedq.settings import get_settings
 
-    path = resolve_model_path(get_settings().model)
-    model = SentenceTransformer(str(path), device=device, local_files_only=True)
-    return model.half() if device == "cuda" else model
+    settings = get_settings()
+    path = resolve_model_path(settings.model)
+    kwargs = {"model_kwargs": {"dtype": gpu_dtype(settings.gpu_dtype)}} if device == "cuda" else {}
+    return SentenceTransformer(str(path), device=device, local_files_only=True, **kwargs)
 
 
-def raw_figures(model: Any, texts: list[str], repeats: int) -> dict[str, float]:
-    """Raw ``encode`` texts/s over all ``texts``, tokens/s, and its tokens."""
+def best_batch_size(model: Any, texts: list[str], sizes: tuple[int, ...]) -> int:
+    """The batch size of ``sizes`` at which raw ``encode`` of ``texts`` is fastest (one timed
+    pass each, after the warm-up)."""
+    timed = {
+        size: median_time(
+            lambda size=size: model.encode(texts, batch_size=size, normalize_embeddings=True), 1
+        )
+        for size in sizes
+    }
+    return min(timed, key=timed.__getitem__)
+
+
+def raw_figures(model: Any, texts: list[str], repeats: int, device: str = "cpu") -> dict:
+    """Raw ``encode`` texts/s over all ``texts``, tokens/s, its tokens and batch size (on
+    cuda the best of ``RAW_GPU_BATCH_SIZES``: the baseline a GPU user would tune to)."""
     model.encode(texts[:64])  # warm-up
-    seconds = median_time(lambda: model.encode(texts, normalize_embeddings=True), repeats)
+    size = RAW_CPU_BATCH_SIZE
+    if device.startswith("cuda"):
+        size = best_batch_size(model, texts, RAW_GPU_BATCH_SIZES)
+
+    def encode() -> object:
+        return model.encode(texts, batch_size=size, normalize_embeddings=True)
+
+    seconds = median_time(encode, repeats)
     tokens = sum(len(ids) for ids in model.tokenizer(texts, truncation=True)["input_ids"])
-    return {"seconds": seconds, "texts_per_s": len(texts) / seconds, "tokens": tokens}
+    rate = len(texts) / seconds
+    return {"seconds": seconds, "texts_per_s": rate, "tokens": tokens, "batch": size}
 
 
 def raw_latency(model: Any, texts: list[str]) -> dict[str, float]:
@@ -172,7 +202,7 @@ def available_devices() -> list[str]:
 def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) -> dict[str, Any]:
     """Raw figures first (model in this process), then the pipeline (model dropped)."""
     model = raw_model(device)
-    raw = {name: raw_figures(model, texts, opts.repeats) for name, texts in data.items()}
+    raw = {name: raw_figures(model, texts, opts.repeats, device) for name, texts in data.items()}
     one_by_one = _latency_texts(data, opts.latency_n)
     raw_lat = raw_latency(model, one_by_one)
     # The raw model's threads (or GPU memory) must not compete with the worker's.
@@ -227,6 +257,7 @@ def _row(device: str, name: str, count: int, raw: dict[str, float], seconds: flo
         "texts": count,
         "tokens": raw["tokens"],
         "raw_texts_per_s": round(raw["texts_per_s"], 1),
+        "raw_batch_size": raw.get("batch"),
         "pipeline_texts_per_s": round(count / seconds, 1),
         "pipeline_tokens_per_s": round(raw["tokens"] / seconds),
         "ratio": round(raw["seconds"] / seconds, 3),

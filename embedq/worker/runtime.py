@@ -25,6 +25,7 @@ from embedq.store.factory import create_store
 from embedq.worker.batcher import Batcher
 from embedq.worker.cache import RedisCache
 from embedq.worker.flight import Flight
+from embedq.worker.stop import stop_worker
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Runtime:
             adaptive=settings.learns_batch_budget,
             latency_target_s=(settings.batch_latency_target_ms or 0) / 1000 or None,
             flight=Flight(self.cache, settings.cache_lease_ms) if settings.cache_lease_ms else None,
+            on_fatal=stop_worker,
         )
         self._store: Store | None = None
         self._store_lock = threading.Lock()
