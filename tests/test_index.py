@@ -58,6 +58,10 @@ def test_hnsw_recall_against_exact_search():
     labels = np.arange(5000, dtype=np.int64) * 7
     index = HNSWIndex(DIM)
     index.build(labels, vectors)
+    # Probe queries lie between the stored vectors: the default breadth finds less of them.
+    narrow = recall_at_k(index, vectors, labels, sample=300)
+    index.ef = 256
+    assert narrow < recall_at_k(index, vectors, labels, sample=300)
     assert recall_at_k(index, vectors, labels, sample=300) >= 0.98
     found, sims = index.query(vectors[:1], 1)
     assert found[0, 0] == 0 and sims[0, 0] == pytest.approx(1.0, abs=1e-5)

@@ -47,7 +47,7 @@ RECALL_TARGET = 0.98
 RECALL_SAMPLE = 200
 
 
-EF_STEPS = (64, 128, 256, 512)
+EF_STEPS = (64, 128, 256, 512, 1024)
 
 
 def blob_name(collection: str) -> str:
