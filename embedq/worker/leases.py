@@ -33,7 +33,7 @@ from typing import Any
 import redis
 from prometheus_client import Counter
 
-from embedq.broker.client import incr_with_ttl
+from embedq.broker.client import incr_with_ttl, throttled_warning
 from embedq.broker.landing import register, restore_expired
 from embedq.keys import stats_key
 
@@ -46,8 +46,6 @@ REDELIVERED = Counter(
 #: Redis counter of redeliveries, summed over all workers (``embedq:stats:redelivered``).
 REDELIVERED_KEY = stats_key("redelivered")
 REDELIVERED_TTL_S = 7 * 24 * 3600
-# Failed renewals are logged at most this often (a Redis outage would flood the log otherwise).
-LOG_EVERY_S = 60.0
 
 
 def lease_interval_s(restore_s: float) -> float:
@@ -115,7 +113,6 @@ class TaskLeases:
         self.interval_s, self.restore_s = interval_s, restore_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedq-leases", daemon=True)
-        self._last_log = -LOG_EVERY_S
 
     def start(self) -> None:
         """Renew now, then every ``interval_s`` until :meth:`stop`."""
@@ -151,7 +148,11 @@ class TaskLeases:
             self.beat()
 
     def _log_failure(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_log >= LOG_EVERY_S:
-            self._last_log = now
-            log.warning("could not renew task leases (retrying): %s: %s", type(exc).__name__, exc)
+        # Throttled (a Redis outage would flood the log otherwise), per lease keeper.
+        throttled_warning(
+            log,
+            f"leases:{id(self)}",
+            "could not renew task leases (retrying): %s: %s",
+            type(exc).__name__,
+            exc,
+        )
