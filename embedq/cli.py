@@ -79,6 +79,9 @@ def ingest(
         0, envvar="EMBEDQ_OVERLAP", help="Tokens shared by neighbouring chunks."
     ),
     queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE"),
+    model: str | None = typer.Option(
+        None, envvar="EMBEDQ_INGEST_MODEL", help="Model name (default: the workers' first)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", envvar="EMBEDQ_QUIET"),
     as_json: bool = typer.Option(
         False, "--json", envvar="EMBEDQ_JSON", help="Print the summary as JSON."
@@ -102,6 +105,7 @@ def ingest(
             chunk_tokens=chunk_tokens,
             overlap=overlap,
             on_progress=on_progress,
+            model=model,
         )
     _report_ingest(summary, as_json, quiet)
 

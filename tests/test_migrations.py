@@ -258,7 +258,7 @@ def test_concurrent_first_use_migrates_once(empty_db):
 def test_the_revisions_form_one_line_and_ship_with_the_package():
     script = ScriptDirectory.from_config(migrations.config())
     chain = [rev.revision for rev in script.walk_revisions()]
-    assert chain == ["0003", "0002", "0001"] and migrations.head() == "0003"
+    assert chain == ["0004", "0003", "0002", "0001"] and migrations.head() == "0004"
     # pyproject finds packages with include = ["embedq*"]: folders need an __init__.py.
     packages = find_packages(str(ROOT), include=["embedq*"])
     assert {"embedq.store.migrations", "embedq.store.migrations.versions"} <= set(packages)

@@ -140,6 +140,9 @@ class Heartbeat:
             "model_id": encoder.model_id,
             "dim": encoder.dim,
             "max_batch_tokens": encoder.max_batch_tokens,
+            # Every model this worker serves (the router sends a model's tasks only here);
+            # a worker with several passes them in ``live``.
+            "models": [{"name": encoder.name, "model_id": encoder.model_id, "dim": encoder.dim}],
             **(extra or {}),
         }
         self.texts_encoded = texts_encoded

@@ -19,6 +19,8 @@ from typing import Any
 import redis
 
 from embedq.broker.client import shared_client
+from embedq.encode.models import serves
+from embedq.errors import UnknownModelError
 from embedq.inputs import task_items
 from embedq.keys import stats_key
 from embedq.ops.heartbeat import read_heartbeats
@@ -107,6 +109,66 @@ def count(queue: str, reason: str) -> None:
 router = Router()
 
 
+def task_model(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The model a routed task names (``None``: each worker's default)."""
+    position = {"embedq.embed_texts": 1, "embedq.ingest_documents": 3}[name]
+    model = (kwargs or {}).get("model")
+    if model is None and len(args or ()) > position:
+        model = args[position]
+    return model if isinstance(model, str) else None
+
+
+def serving_queues(beats: dict[str, list[dict[str, Any]]], model: str) -> set[str]:
+    """The queues with a live worker that serves ``model`` (by its heartbeat's ``models``;
+    a worker too old to list them serves its ``model``)."""
+    found = set()
+    for queue, workers in beats.items():
+        for beat in workers:
+            listed = beat.get("models") or [beat]
+            if serves([{"name": m.get("name", m.get("model")), **m} for m in listed], model):
+                found.add(queue)
+    return found
+
+
+class ModelFilter:
+    """Which queues serve a model, from heartbeats read at most once a second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._beats: dict[str, list[dict[str, Any]]] = {}
+        self._read_at = -CACHE_S
+
+    def queues(self, model: str) -> set[str] | None:
+        """Queues whose live workers serve ``model``; ``None`` when no worker is alive (the
+        task then waits in its queue as any other) or heartbeats cannot be read."""
+        try:
+            with self._lock:
+                if time.monotonic() - self._read_at >= CACHE_S:
+                    self._beats = read_heartbeats(shared_client())
+                    self._read_at = time.monotonic()
+                beats = self._beats
+        except redis.RedisError:
+            return None
+        if not any(beats.values()):
+            return None
+        if not (found := serving_queues(beats, model)):
+            live = sorted(
+                {
+                    str(m.get("name"))
+                    for w in beats.values()
+                    for b in w
+                    for m in b.get("models") or [b]
+                }
+            )
+            raise UnknownModelError(
+                f"no live worker serves model {model!r}; live workers serve: {', '.join(live)}"
+            )
+        return found
+
+
+model_filter = ModelFilter()
+
+
 def route_task(
     name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], **_: Any
 ) -> dict[str, str] | None:
@@ -116,4 +178,11 @@ def route_task(
     if explicit := options.get("queue"):
         count(getattr(explicit, "name", str(explicit)), "explicit")
         return None
+    model = task_model(name, args, kwargs)
+    # A model's tasks go only to queues with a worker that serves it.
+    allowed = model_filter.queues(model) if model is not None else None
+    if allowed is not None and len(allowed) == 1:
+        queue = next(iter(allowed))
+        count(queue, "model")
+        return {"queue": queue}
     return {"queue": router.choose(len(task_items(args, kwargs) or ()))}

@@ -32,7 +32,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from embedq.errors import StaleVersionError, StoreError
+from embedq.encode.models import base_model_id
+from embedq.errors import CollectionModelError, StaleVersionError, StoreError
 from embedq.settings import Settings, get_settings
 from embedq.store import migrations
 from embedq.store.base import (
@@ -104,6 +105,18 @@ _UPDATED_COLUMNS = (
     "version",
     "meta_hash",
 )
+
+
+class CollectionRow(Base):
+    """The model a collection is bound to: the one whose vectors first filled it."""
+
+    __tablename__ = "embedq_collections"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # The model id without its backend suffix: fp32, fp16 and int8 vectors of one model mix.
+    model: Mapped[str] = mapped_column(String(256))
+    dim: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class BlobVersion(Base):
@@ -249,8 +262,38 @@ class SQLStore(Store):
 
     def _write(self, stmt: Any, rows: list[dict[str, Any]]) -> None:
         with self.engine.begin() as conn:
+            self._bind_models(conn, rows)
             for batch in _statement_batches(rows):
                 conn.execute(stmt, batch)
+
+    def _bind_models(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Bind each new collection to the model of its first rows (in the writing
+        transaction: of two first writers, one binds and the other is compared with it);
+        raise :class:`CollectionModelError` if rows of another model would go in."""
+        wanted = {(r["collection"], base_model_id(r["model"])): r["dim"] for r in rows}
+        module = postgresql if self.dialect == "postgresql" else sqlite
+        now = datetime.now(UTC)
+        for (collection, model), dim in wanted.items():
+            bind = module.insert(CollectionRow).values(
+                name=collection, model=model, dim=dim, created_at=now
+            )
+            conn.execute(bind.on_conflict_do_nothing(index_elements=["name"]))
+            bound = conn.execute(
+                select(CollectionRow.model).where(CollectionRow.name == collection)
+            ).scalar_one()
+            if bound != model:
+                raise CollectionModelError(
+                    f"collection {collection!r} is bound to model {bound!r} (the model that "
+                    f"first filled it); refusing vectors of model {model!r}: use another "
+                    "collection for this model"
+                )
+
+    @_store_errors("read a collection's model")
+    def collection_model(self, collection: str) -> str | None:
+        """The model id ``collection`` is bound to (without backend suffix), if it has one."""
+        query = select(CollectionRow.model).where(CollectionRow.name == collection)
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
 
     @_store_errors("read items")
     def get(self, collection: str, ids: Sequence[str]) -> list[Item]:
