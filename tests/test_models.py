@@ -95,20 +95,21 @@ def test_each_model_has_its_batcher_id_and_share_of_the_memory_cap(two_models):
 
 
 def test_each_model_s_vectors_match_its_raw_encode(two_models, raw_model, raw_l3, unseen_texts):
-    before = {k: b.stats.texts_encoded for k, b in two_models.batchers.items()}
-    results = [
-        (embed_texts.delay(unseen_texts, model=model), raw)
-        for model, raw in ((L3, raw_l3), (None, raw_model), ("all-MiniLM-L6-v2", raw_model))
-    ]
-    for result, raw in results:
-        expected = raw.encode(unseen_texts, normalize_embeddings=True)
-        assert cosines(result.get(timeout=120), expected).min() >= 0.9999
-    l3_vectors = results[0][0].get(timeout=10)
-    default_vectors = results[1][0].get(timeout=10)
+    l3_batcher = two_models.batchers[two_models.encoders[1].model_id]
+    before = l3_batcher.stats.texts_encoded
+    l3_result = embed_texts.delay(unseen_texts, model=L3)
+    default_result = embed_texts.delay(unseen_texts)
+    l3_vectors = l3_result.get(timeout=120)
+    default_vectors = default_result.get(timeout=120)
+    l3_expected = raw_l3.encode(unseen_texts, normalize_embeddings=True)
+    assert cosines(l3_vectors, l3_expected).min() >= 0.9999
+    assert cosines(default_vectors, raw_model.encode(unseen_texts)).min() >= 0.9999
     # Really two models: the same texts get different vectors.
     assert cosines(l3_vectors, default_vectors).mean() < 0.98
-    l3_batcher = two_models.batchers[two_models.encoders[1].model_id]
-    assert l3_batcher.stats.texts_encoded - before[l3_batcher.encoder.model_id] > 0
+    assert l3_batcher.stats.texts_encoded > before
+    # The default is selected by its name too.
+    named = embed_texts.delay(unseen_texts[:3], model="all-MiniLM-L6-v2").get(timeout=60)
+    np.testing.assert_allclose(named, default_vectors[:3], atol=1e-5)
 
 
 def test_the_same_text_under_two_models_never_shares_a_cache_entry(two_models, redis_client):
