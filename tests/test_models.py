@@ -137,7 +137,7 @@ def test_one_worker_serves_both_side_by_side(two_models, raw_model, raw_l3):
 
 
 def test_an_unserved_model_is_refused_by_name(two_models):
-    with pytest.raises(UnknownModelError, match="no live worker serves model 'nope'"):
+    with pytest.raises(UnknownModelError, match="model 'nope' is not served by any live worker"):
         embed_texts.delay(["x"], model="nope")
     with pytest.raises(UnknownModelError, match="not served here"):
         two_models.select("nope")

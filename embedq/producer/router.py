@@ -118,16 +118,20 @@ def task_model(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str 
     return model if isinstance(model, str) else None
 
 
+def listed_models(beat: dict[str, Any]) -> list[dict[str, Any]]:
+    """The models a heartbeat lists (a worker too old to list them serves its ``model``)."""
+    if models := beat.get("models"):
+        return list(models)
+    return [{"name": beat.get("model"), "model_id": beat.get("model_id")}]
+
+
 def serving_queues(beats: dict[str, list[dict[str, Any]]], model: str) -> set[str]:
-    """The queues with a live worker that serves ``model`` (by its heartbeat's ``models``;
-    a worker too old to list them serves its ``model``)."""
-    found = set()
-    for queue, workers in beats.items():
-        for beat in workers:
-            listed = beat.get("models") or [beat]
-            if serves([{"name": m.get("name", m.get("model")), **m} for m in listed], model):
-                found.add(queue)
-    return found
+    """The queues with a live worker that serves ``model``."""
+    return {
+        queue
+        for queue, workers in beats.items()
+        if any(serves(listed_models(beat), model) for beat in workers)
+    }
 
 
 class ModelFilter:
@@ -152,16 +156,10 @@ class ModelFilter:
         if not any(beats.values()):
             return None
         if not (found := serving_queues(beats, model)):
-            live = sorted(
-                {
-                    str(m.get("name"))
-                    for w in beats.values()
-                    for b in w
-                    for m in b.get("models") or [b]
-                }
-            )
+            workers = [beat for queue in beats.values() for beat in queue]
+            live = sorted({str(m.get("name")) for b in workers for m in listed_models(b)})
             raise UnknownModelError(
-                f"no live worker serves model {model!r}; live workers serve: {', '.join(live)}"
+                f"model {model!r} is not served by any live worker; they serve: {', '.join(live)}"
             )
         return found
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
+from cachetools import LRUCache
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -145,6 +147,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 BLOB_PART_BYTES = 8 * 2**20
+BOUND_COLLECTIONS_KEPT = 4096
 BLOB_VERSIONS_KEPT = 2
 
 
@@ -228,6 +231,9 @@ class SQLStore(Store):
         self.engine = make_engine(url, settings)
         self.dialect = self.engine.dialect.name
         self.retry = retry_policy(self.dialect, settings)
+        # Bindings never change once made: a collection seen bound costs no more statements.
+        self._bound: LRUCache[str, str] = LRUCache(maxsize=BOUND_COLLECTIONS_KEPT)
+        self._bound_lock = threading.Lock()
         self._migrate()
 
     @_store_errors("create or update the tables")
@@ -262,38 +268,56 @@ class SQLStore(Store):
 
     def _write(self, stmt: Any, rows: list[dict[str, Any]]) -> None:
         with self.engine.begin() as conn:
-            self._bind_models(conn, rows)
+            bound = self._bind_models(conn, rows)
             for batch in _statement_batches(rows):
                 conn.execute(stmt, batch)
+        # Remembered once committed: a rolled-back first write leaves no binding behind.
+        with self._bound_lock:
+            self._bound.update(bound)
 
-    def _bind_models(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+    def _bind_models(self, conn: Connection, rows: list[dict[str, Any]]) -> dict[str, str]:
         """Bind each new collection to the model of its first rows (in the writing
         transaction: of two first writers, one binds and the other is compared with it);
-        raise :class:`CollectionModelError` if rows of another model would go in."""
+        raise :class:`CollectionModelError` if rows of another model would go in. Returns
+        the bindings found."""
         wanted = {(r["collection"], base_model_id(r["model"])): r["dim"] for r in rows}
-        module = postgresql if self.dialect == "postgresql" else sqlite
-        now = datetime.now(UTC)
+        found = {}
         for (collection, model), dim in wanted.items():
-            bind = module.insert(CollectionRow).values(
-                name=collection, model=model, dim=dim, created_at=now
-            )
-            conn.execute(bind.on_conflict_do_nothing(index_elements=["name"]))
-            bound = conn.execute(
-                select(CollectionRow.model).where(CollectionRow.name == collection)
-            ).scalar_one()
+            with self._bound_lock:
+                known = self._bound.get(collection)
+            bound = known or self._bind(conn, collection, model, dim)
+            found[collection] = bound
             if bound != model:
                 raise CollectionModelError(
                     f"collection {collection!r} is bound to model {bound!r} (the model that "
                     f"first filled it); refusing vectors of model {model!r}: use another "
                     "collection for this model"
                 )
+        return found
+
+    def _bind(self, conn: Connection, collection: str, model: str, dim: int) -> str:
+        """Bind ``collection`` to ``model`` unless it is bound; the model it is bound to."""
+        module = postgresql if self.dialect == "postgresql" else sqlite
+        bind = module.insert(CollectionRow).values(
+            name=collection, model=model, dim=dim, created_at=datetime.now(UTC)
+        )
+        conn.execute(bind.on_conflict_do_nothing(index_elements=["name"]))
+        query = select(CollectionRow.model).where(CollectionRow.name == collection)
+        return str(conn.execute(query).scalar_one())
 
     @_store_errors("read a collection's model")
     def collection_model(self, collection: str) -> str | None:
         """The model id ``collection`` is bound to (without backend suffix), if it has one."""
+        with self._bound_lock:
+            if (known := self._bound.get(collection)) is not None:
+                return known
         query = select(CollectionRow.model).where(CollectionRow.name == collection)
         with self.engine.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
+            bound = conn.execute(query).scalar_one_or_none()
+        if bound is not None:
+            with self._bound_lock:
+                self._bound[collection] = bound
+        return bound
 
     @_store_errors("read items")
     def get(self, collection: str, ids: Sequence[str]) -> list[Item]:
