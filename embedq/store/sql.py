@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
-from cachetools import LRUCache
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -34,8 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from embedq.encode.models import base_model_id
-from embedq.errors import CollectionModelError, StaleVersionError, StoreError
+from embedq.errors import StaleVersionError, StoreError
 from embedq.settings import Settings, get_settings
 from embedq.store import migrations
 from embedq.store.base import (
@@ -47,6 +44,7 @@ from embedq.store.base import (
     meta_hash,
     now_version,
 )
+from embedq.store.bindings import CollectionBindings, collections_table
 from embedq.store.engine import brief, make_engine, retry_policy
 
 # SQLite allows 32,766 bound parameters per statement; 15 columns x 1,000 rows stays under.
@@ -109,16 +107,7 @@ _UPDATED_COLUMNS = (
 )
 
 
-class CollectionRow(Base):
-    """The model a collection is bound to: the one whose vectors first filled it."""
-
-    __tablename__ = "embedq_collections"
-
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    # The model id without its backend suffix: fp32, fp16 and int8 vectors of one model mix.
-    model: Mapped[str] = mapped_column(String(256))
-    dim: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+COLLECTIONS = collections_table(Base.metadata)
 
 
 class BlobVersion(Base):
@@ -147,7 +136,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 BLOB_PART_BYTES = 8 * 2**20
-BOUND_COLLECTIONS_KEPT = 4096
 BLOB_VERSIONS_KEPT = 2
 
 
@@ -231,9 +219,7 @@ class SQLStore(Store):
         self.engine = make_engine(url, settings)
         self.dialect = self.engine.dialect.name
         self.retry = retry_policy(self.dialect, settings)
-        # Bindings never change once made: a collection seen bound costs no more statements.
-        self._bound: LRUCache[str, str] = LRUCache(maxsize=BOUND_COLLECTIONS_KEPT)
-        self._bound_lock = threading.Lock()
+        self.bindings = CollectionBindings(COLLECTIONS, self.dialect)
         self._migrate()
 
     @_store_errors("create or update the tables")
@@ -268,56 +254,15 @@ class SQLStore(Store):
 
     def _write(self, stmt: Any, rows: list[dict[str, Any]]) -> None:
         with self.engine.begin() as conn:
-            bound = self._bind_models(conn, rows)
+            bound = self.bindings.check(conn, rows)
             for batch in _statement_batches(rows):
                 conn.execute(stmt, batch)
-        # Remembered once committed: a rolled-back first write leaves no binding behind.
-        with self._bound_lock:
-            self._bound.update(bound)
-
-    def _bind_models(self, conn: Connection, rows: list[dict[str, Any]]) -> dict[str, str]:
-        """Bind each new collection to the model of its first rows (in the writing
-        transaction: of two first writers, one binds and the other is compared with it);
-        raise :class:`CollectionModelError` if rows of another model would go in. Returns
-        the bindings found."""
-        wanted = {(r["collection"], base_model_id(r["model"])): r["dim"] for r in rows}
-        found = {}
-        for (collection, model), dim in wanted.items():
-            with self._bound_lock:
-                known = self._bound.get(collection)
-            bound = known or self._bind(conn, collection, model, dim)
-            found[collection] = bound
-            if bound != model:
-                raise CollectionModelError(
-                    f"collection {collection!r} is bound to model {bound!r} (the model that "
-                    f"first filled it); refusing vectors of model {model!r}: use another "
-                    "collection for this model"
-                )
-        return found
-
-    def _bind(self, conn: Connection, collection: str, model: str, dim: int) -> str:
-        """Bind ``collection`` to ``model`` unless it is bound; the model it is bound to."""
-        module = postgresql if self.dialect == "postgresql" else sqlite
-        bind = module.insert(CollectionRow).values(
-            name=collection, model=model, dim=dim, created_at=datetime.now(UTC)
-        )
-        conn.execute(bind.on_conflict_do_nothing(index_elements=["name"]))
-        query = select(CollectionRow.model).where(CollectionRow.name == collection)
-        return str(conn.execute(query).scalar_one())
+        self.bindings.remember(bound)
 
     @_store_errors("read a collection's model")
     def collection_model(self, collection: str) -> str | None:
         """The model id ``collection`` is bound to (without backend suffix), if it has one."""
-        with self._bound_lock:
-            if (known := self._bound.get(collection)) is not None:
-                return known
-        query = select(CollectionRow.model).where(CollectionRow.name == collection)
-        with self.engine.connect() as conn:
-            bound = conn.execute(query).scalar_one_or_none()
-        if bound is not None:
-            with self._bound_lock:
-                self._bound[collection] = bound
-        return bound
+        return self.bindings.model(self.engine, collection)
 
     @_store_errors("read items")
     def get(self, collection: str, ids: Sequence[str]) -> list[Item]:
