@@ -46,11 +46,14 @@ def embed(
     queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE"),
     timeout_s: float = typer.Option(60.0, envvar="EMBEDQ_TIMEOUT_S"),
     full: bool = typer.Option(False, "--full", help="Print whole vectors, not a preview."),
+    model: str | None = typer.Option(
+        None, envvar="EMBEDQ_EMBED_MODEL", help="Model name (default: the workers' first)."
+    ),
 ) -> None:
     """Embed TEXTS through the queue and print the vectors as JSON lines."""
     from embedq.producer import embed as embed_many
 
-    vectors = embed_many(texts, queue=queue, timeout_s=timeout_s)
+    vectors = embed_many(texts, queue=queue, timeout_s=timeout_s, model=model)
     for i, vector in enumerate(vectors):
         shown = vector.tolist() if full else [round(float(x), 4) for x in vector[:8]]
         line = {"index": i, "dim": int(vector.shape[0]), "truncated": i in vectors.truncated}

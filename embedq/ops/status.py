@@ -172,7 +172,9 @@ def render(report: Report) -> str:
         for b in beats:
             speed = f"{b['texts_per_s']:.0f} texts/s" if b.get("texts_per_s") else "idle"
             port = f", metrics :{b['metrics_port']}" if b.get("metrics_port") else ""
-            lines.append(f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}")
+            # Every model the worker serves (older heartbeats name one).
+            models = ", ".join(str(m.get("model_id")) for m in b.get("models") or [b])
+            lines.append(f"    {b['hostname']} ({b['device']}, {models}) {speed}{port}")
     depths = ", ".join(f"{q} {d}" for q, d in report.queue_depths.items())
     lines.append(f"queues: {depths}")
     if memory := report.redis:
