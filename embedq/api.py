@@ -37,6 +37,7 @@ from embedq.broker.results import get_and_forget
 from embedq.encode.models import load_tokenizer
 from embedq.errors import (
     BrokerUnavailableError,
+    CollectionModelError,
     ConfigurationError,
     EmbedqError,
     InvalidInputError,
@@ -47,7 +48,7 @@ from embedq.keys import rate_key
 from embedq.ops.cost import cost_report
 from embedq.ops.metrics import ApiMetrics, RequestMetrics
 from embedq.ops.status import read_workers
-from embedq.settings import QUEUES, Settings, get_settings
+from embedq.settings import QUEUES, Settings, get_settings, split_models
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (TooManyTextsError, 413),
     (InvalidInputError, 422),
     (UnknownModelError, 404),
+    (CollectionModelError, 409),
     (BrokerUnavailableError, 503),
     (redis.ConnectionError, 503),
     (redis.exceptions.OutOfMemoryError, 503),
@@ -256,13 +258,12 @@ class Service:
                 "Timeout",
             ) from exc
 
-    def count_tokens(self, texts: list[str]) -> int:
+    def count_tokens(self, texts: list[str], model: str | None = None) -> int:
         """Tokens the model sees (special tokens included, cut at its max)."""
         if not texts:
             return 0
-        ids = load_tokenizer(self.settings.model)(texts, truncation=True, add_special_tokens=True)[
-            "input_ids"
-        ]
+        tokenizer = load_tokenizer(_tokenizer_name(model, self.settings))
+        ids = tokenizer(texts, truncation=True, add_special_tokens=True)["input_ids"]
         return sum(len(x) for x in ids)
 
 
@@ -308,7 +309,7 @@ def openai_embeddings(body: OpenAIBody, service: ServiceDep) -> dict[str, Any]:
             f"dimensions={body.dimensions}: this model only gives {vectors.shape[1]}",
             "InvalidInputError",
         )
-    tokens = service.count_tokens(texts)
+    tokens = service.count_tokens(texts, body.model)
     return {
         "object": "list",
         "data": [
@@ -360,6 +361,7 @@ def metadata(service: ServiceDep) -> dict[str, Any]:
     return {
         "model": settings.model,
         "model_ids": sorted({w.get("model_id") for w in beats if w.get("model_id")}),
+        "models": served_models(beats),
         "dim": next((w["dim"] for w in beats if w.get("dim")), None),
         "queues": {q: len(workers.get(q, [])) for q in QUEUES},
         "devices": sorted({w["device"] for w in beats}),
@@ -383,6 +385,22 @@ def prometheus_metrics(service: ServiceDep) -> Response:
     """Prometheus metrics: the API's requests and the cluster's queues, router and SLOs."""
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)
+
+
+def served_models(beats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every model live workers serve (name, model id, dimension), from their heartbeats."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for beat in beats:
+        for model in beat.get("models") or []:
+            entry = {k: model.get(k) for k in ("name", "model_id", "dim")}
+            found.setdefault((str(entry["name"]), str(entry["model_id"])), entry)
+    return [found[key] for key in sorted(found)]
+
+
+def _tokenizer_name(model: str | None, settings: Settings) -> str:
+    # The OpenAI body always names a model: one not in EMBEDQ_MODELS counts with the default's.
+    names = {name for name, _ in split_models(settings.models)}
+    return model if model in names else settings.model
 
 
 def create_app(settings: Settings | None = None, allow_anonymous: bool = False) -> FastAPI:

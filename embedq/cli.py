@@ -82,11 +82,14 @@ def embed(
     queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE"),
     timeout_s: float = typer.Option(60.0, envvar="EMBEDQ_TIMEOUT_S"),
     full: bool = typer.Option(False, "--full", help="Print whole vectors, not a preview."),
+    model: str | None = typer.Option(
+        None, envvar="EMBEDQ_EMBED_MODEL", help="Model name (default: the workers' first)."
+    ),
 ) -> None:
     """Embed TEXTS through the queue and print the vectors as JSON lines."""
     from embedq.producer import embed as embed_many
 
-    vectors = embed_many(texts, queue=queue, timeout_s=timeout_s)
+    vectors = embed_many(texts, queue=queue, timeout_s=timeout_s, model=model)
     for i, vector in enumerate(vectors):
         shown = vector.tolist() if full else [round(float(x), 4) for x in vector[:8]]
         line = {"index": i, "dim": int(vector.shape[0]), "truncated": i in vectors.truncated}
@@ -115,6 +118,9 @@ def ingest(
         0, envvar="EMBEDQ_OVERLAP", help="Tokens shared by neighbouring chunks."
     ),
     queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE"),
+    model: str | None = typer.Option(
+        None, envvar="EMBEDQ_INGEST_MODEL", help="Model name (default: the workers' first)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", envvar="EMBEDQ_QUIET"),
     as_json: bool = typer.Option(
         False, "--json", envvar="EMBEDQ_JSON", help="Print the summary as JSON."
@@ -138,6 +144,7 @@ def ingest(
             chunk_tokens=chunk_tokens,
             overlap=overlap,
             on_progress=on_progress,
+            model=model,
         )
     _report_ingest(summary, as_json, quiet)
 

@@ -23,6 +23,11 @@ class UnknownModelError(EmbedqError, LookupError):
     """The request names a model this worker does not serve."""
 
 
+class CollectionModelError(EmbedqError, ValueError):
+    """Vectors of one model sent to a collection bound to another (the model that first
+    filled it): refused, since vectors of two models cannot be searched together."""
+
+
 class ModelLoadError(EmbedqError):
     """The model could not be loaded from the local files."""
 
@@ -75,4 +80,8 @@ class PoisonTaskError(EmbedqError):
 
 
 #: Errors that are the caller's: reported, never retried, not counted against the error SLO.
-INPUT_ERRORS: tuple[type[EmbedqError], ...] = (InvalidInputError, UnknownModelError)
+INPUT_ERRORS: tuple[type[EmbedqError], ...] = (
+    InvalidInputError,
+    UnknownModelError,
+    CollectionModelError,
+)

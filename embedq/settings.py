@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Models are never downloaded at run time: every process runs with the hub offline.
@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     model: str = Field(
         DEFAULT_MODEL,
         description="Model name or a local sentence-transformers directory.",
+    )
+    models: str | None = Field(
+        None,
+        description="Several models on one worker: comma-separated entries, each a model name, "
+        "a local sentence-transformers directory, or alias=directory; the first is the default "
+        "(and becomes EMBEDQ_MODEL). Unset: EMBEDQ_MODEL alone.",
     )
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cuda, mps or cpu.")
     gpu_dtype: str = Field("float16", description="Weights on cuda: float16, bfloat16, float32.")
@@ -192,10 +198,28 @@ class Settings(BaseSettings):
         1000.0, gt=0, description="The cheapest policy's completion-time limit for a task."
     )
 
+    @model_validator(mode="after")
+    def _default_model(self) -> Settings:
+        # The first of EMBEDQ_MODELS is the default everywhere EMBEDQ_MODEL is read.
+        if entries := split_models(self.models):
+            self.model = entries[0][0]
+        return self
+
     @property
     def learns_batch_budget(self) -> bool:
         """Whether workers learn their token budget: asked for, and no fixed budget set."""
         return self.adaptive_batch and not self.max_batch_tokens
+
+
+def split_models(text: str | None) -> list[tuple[str, str]]:
+    """``(name, source)`` per entry of ``EMBEDQ_MODELS``: ``alias=directory`` gives the alias,
+    a bare name or directory is its own name."""
+    entries = []
+    for raw in (text or "").split(","):
+        if entry := raw.strip():
+            name, _, source = entry.partition("=") if "=" in entry else (entry, "", entry)
+            entries.append((name.strip(), source.strip()))
+    return entries
 
 
 @lru_cache(maxsize=1)

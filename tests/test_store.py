@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from embedq.errors import CollectionModelError
 from embedq.keys import content_hash
 from embedq.store.base import Item
 from embedq.store.factory import create_store
@@ -93,3 +95,24 @@ def test_sql_looking_ids_are_just_ids(store):
     store.upsert([item])
     assert store.get(collection, [item.id])[0].id == item.id
     assert store.count(collection) == 1
+
+
+def test_a_collection_keeps_to_the_model_that_first_filled_it(store):
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    assert store.collection_model(collection) is None
+    store.upsert(_items(collection, 3))
+    assert store.collection_model(collection) == "m@1"
+    # The same model on another backend (int8) writes on; another model is refused by name.
+    store.upsert([replace(_items(collection, 1)[0], id="int8", model="m@1+int8")])
+    other = replace(_items(collection, 1)[0], id="other", model="n@2")
+    with pytest.raises(CollectionModelError, match=r"bound to model 'm@1'.*'n@2'"):
+        store.upsert([other])
+    assert store.count(collection) == 4
+    # A refused first write binds nothing: the collection is free for the next model.
+    fresh = f"c-{uuid.uuid4().hex[:8]}"
+    mixed = [replace(item, collection=fresh) for item in [*_items(fresh, 1), other]]
+    with pytest.raises(CollectionModelError):
+        store.upsert(mixed)
+    assert store.collection_model(fresh) is None and store.count(fresh) == 0
+    store.upsert([replace(other, collection=fresh)])
+    assert store.collection_model(fresh) == "n@2"

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embedq.encode.models import DEFAULT_MODEL_ALIASES
+from embedq.encode.models import model_matches
 from embedq.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,11 @@ class Encoder(ABC):
 
     def accepts(self, model: str | None) -> bool:
         """Whether a request naming ``model`` may be served by this encoder."""
-        if model is None or model in (self.name, self.model_id, self.model_id.split("+")[0]):
-            return True
-        return self.name in DEFAULT_MODEL_ALIASES and model in DEFAULT_MODEL_ALIASES
+        return model_matches(model, self.name, self.model_id)
+
+    def describe(self) -> dict[str, Any]:
+        """What heartbeats, status and the API's /metadata say about this model."""
+        return {"name": self.name, "model_id": self.model_id, "dim": self.dim}
 
 
 # Allocation failures: torch.OutOfMemoryError ("CUDA out of memory"), MPS, cuBLAS handles.

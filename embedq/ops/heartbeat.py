@@ -148,6 +148,9 @@ class Heartbeat:
             "max_batch_tokens": encoder.max_batch_tokens,
             "cost_per_hour": get_settings().cost_per_hour,
             **({"direct_queue": direct} if direct else {}),
+            # Every model this worker serves (the router sends a model's tasks only here);
+            # a worker with several passes them in ``live``.
+            "models": [{"name": encoder.name, "model_id": encoder.model_id, "dim": encoder.dim}],
             **(extra or {}),
         }
         # Tokens and model seconds so far, for the price per token (cost.py).

@@ -220,9 +220,9 @@ def render(report: Report) -> str:
             price = _price(report.costs.get("workers", {}).get(queue, {}).get(b["hostname"]))
             if "own_queue_depth" in b:
                 port += f", {b['own_queue_depth']} waiting on its own queue"
-            lines.append(
-                f"    {b['hostname']} ({b['device']}, {b.get('model_id')}) {speed}{port}{price}"
-            )
+            # Every model the worker serves (older heartbeats name one).
+            models = ", ".join(str(m.get("model_id")) for m in b.get("models") or [b])
+            lines.append(f"    {b['hostname']} ({b['device']}, {models}) {speed}{port}{price}")
     depths = ", ".join(f"{q} {d}" for q, d in report.queue_depths.items())
     lines.append(f"queues: {depths}")
     lines.extend(render_costs(report.costs))

@@ -114,8 +114,10 @@ def _tasks(
     chunk_size: int,
     chunk_tokens: int | None,
     overlap: int,
+    model: str | None = None,
 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, int], int]]:
-    model = get_settings().model
+    # Chunks are cut with the tokenizer of the model that will embed them.
+    model = model or get_settings().model
     batch: list[dict[str, Any]] = []
     parents: dict[str, int] = {}
     docs = 0
@@ -165,6 +167,7 @@ def ingest(
     overlap: int = 0,
     timeout_s: float | None = None,
     on_progress: Callable[[IngestSummary, int], None] | None = None,
+    model: str | None = None,
 ) -> IngestSummary:
     """Ingest ``records`` (Documents, or dicts with id/text and other fields as metadata).
 
@@ -174,19 +177,21 @@ def ingest(
     after each finished task. A broker outage is waited out; one that outlasts the publish
     retries stops the run with ``error`` set. ``timeout_s`` bounds the wait for one task
     (default: three hard time limits, see :func:`task_wait_s`); a task unanswered that long
-    is sent once more (``resent``), then its documents are reported failed.
+    is sent once more (``resent``), then its documents are reported failed. ``model``
+    selects one of the workers' models by name (default: their first).
     """
     timeout_s = timeout_s or task_wait_s()
     summary, started = IngestSummary(), time.perf_counter()
     inflight = InFlight(summary, timeout_s, on_progress)
     options = {"queue": queue} if queue else {}
     try:
-        for batch, parents, docs in _tasks(records, summary, chunk_size, chunk_tokens, overlap):
+        tasks = _tasks(records, summary, chunk_size, chunk_tokens, overlap, model)
+        for batch, parents, docs in tasks:
             while len(inflight.pending) >= max_in_flight:
                 inflight.settle_oldest()
             # The version orders writes of one item: an older task never undoes a newer one.
             sent = Sent(
-                (collection, batch, parents, None, now_version()), options, docs, len(batch)
+                (collection, batch, parents, model, now_version()), options, docs, len(batch)
             )
             try:
                 inflight.send(sent)

@@ -29,6 +29,8 @@ from typing import Any
 import redis
 
 from embedq.broker.client import shared_client
+from embedq.encode.models import serves
+from embedq.errors import UnknownModelError
 from embedq.inputs import task_items
 from embedq.keys import stats_key
 from embedq.ops.heartbeat import read_heartbeats
@@ -229,6 +231,64 @@ def count(queue: str, reason: str) -> None:
 router = Router()
 
 
+def task_model(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The model a routed task names (``None``: each worker's default)."""
+    position = {"embedq.embed_texts": 1, "embedq.ingest_documents": 3}[name]
+    model = (kwargs or {}).get("model")
+    if model is None and len(args or ()) > position:
+        model = args[position]
+    return model if isinstance(model, str) else None
+
+
+def listed_models(beat: dict[str, Any]) -> list[dict[str, Any]]:
+    """The models a heartbeat lists (a worker too old to list them serves its ``model``)."""
+    if models := beat.get("models"):
+        return list(models)
+    return [{"name": beat.get("model"), "model_id": beat.get("model_id")}]
+
+
+def serving_queues(beats: dict[str, list[dict[str, Any]]], model: str) -> set[str]:
+    """The queues with a live worker that serves ``model``."""
+    return {
+        queue
+        for queue, workers in beats.items()
+        if any(serves(listed_models(beat), model) for beat in workers)
+    }
+
+
+class ModelFilter:
+    """Which queues serve a model, from heartbeats read at most once a second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._beats: dict[str, list[dict[str, Any]]] = {}
+        self._read_at = -CACHE_S
+
+    def queues(self, model: str) -> set[str] | None:
+        """Queues whose live workers serve ``model``; ``None`` when no worker is alive (the
+        task then waits in its queue as any other) or heartbeats cannot be read."""
+        try:
+            with self._lock:
+                if time.monotonic() - self._read_at >= CACHE_S:
+                    self._beats = read_heartbeats(shared_client())
+                    self._read_at = time.monotonic()
+                beats = self._beats
+        except redis.RedisError:
+            return None
+        if not any(beats.values()):
+            return None
+        if not (found := serving_queues(beats, model)):
+            workers = [beat for queue in beats.values() for beat in queue]
+            live = sorted({str(m.get("name")) for b in workers for m in listed_models(b)})
+            raise UnknownModelError(
+                f"model {model!r} is not served by any live worker; they serve: {', '.join(live)}"
+            )
+        return found
+
+
+model_filter = ModelFilter()
+
+
 def route_task(
     name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], **_: Any
 ) -> dict[str, str] | None:
@@ -242,4 +302,11 @@ def route_task(
         # The caller picked the queue; which of its workers' own queues is still weighed.
         lane = router.lane(name, n_texts)
         return {"queue": lane} if lane != name else None
+    model = task_model(name, args, kwargs)
+    # A model's tasks go only to queues with a worker that serves it.
+    allowed = model_filter.queues(model) if model is not None else None
+    if allowed is not None and len(allowed) == 1:
+        queue = next(iter(allowed))
+        count(queue, "model")
+        return {"queue": router.lane(queue, n_texts)}
     return {"queue": router.choose(n_texts)}

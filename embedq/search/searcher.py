@@ -295,13 +295,13 @@ def get_searcher() -> Searcher:
         return _searcher
 
 
-def embed_query(text: str, timeout_s: float = 60.0) -> np.ndarray:
-    """The query's vector, through the queue (and so through the cache)."""
+def embed_query(text: str, timeout_s: float = 60.0, model: str | None = None) -> np.ndarray:
+    """The query's vector, through the queue (and so through the cache), by ``model``."""
     from embedq.tasks import embed_texts
 
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("the query must be a non-empty string")
-    return np.asarray(get_and_forget(embed_texts.delay([text]), timeout_s))[0]
+    return np.asarray(get_and_forget(embed_texts.delay([text], model=model), timeout_s))[0]
 
 
 def search(
@@ -318,7 +318,10 @@ def search(
     """
     check_k(k)
     parse_collection(collection)
-    return get_searcher().search(embed_query(text), collection, k, where, parents)
+    searcher = get_searcher()
+    # The query is embedded by the model the collection is bound to.
+    query = embed_query(text, model=searcher.store.collection_model(collection))
+    return searcher.search(query, collection, k, where, parents)
 
 
 def lookup(text: str, collection: str, threshold: float = 0.9) -> Hit | None:

@@ -153,6 +153,10 @@ class ItemStore(ABC):
         ``collection`` matching ``where`` (only those among ``among``, if given). Memory is
         bounded by ``page`` whatever the collection's size; text and metadata are not read."""
 
+    def collection_model(self, collection: str) -> str | None:
+        """The model (id without backend suffix) ``collection`` is bound to; None if unbound."""
+        return None
+
     @abstractmethod
     def states(self) -> list[CollectionState]:
         """Count and latest update of every collection."""

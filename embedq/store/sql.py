@@ -45,6 +45,7 @@ from embedq.store.base import (
     meta_hash,
     now_version,
 )
+from embedq.store.bindings import CollectionBindings, collections_table
 from embedq.store.engine import brief, make_engine, retry_policy
 from embedq.store.vectors import VectorFormat
 
@@ -106,6 +107,9 @@ _UPDATED_COLUMNS = (
     "version",
     "meta_hash",
 )
+
+
+COLLECTIONS = collections_table(Base.metadata)
 
 
 class BlobVersion(Base):
@@ -217,6 +221,7 @@ class SQLStore(Store):
         self.engine = make_engine(url, settings)
         self.dialect = self.engine.dialect.name
         self.retry = retry_policy(self.dialect, settings)
+        self.bindings = CollectionBindings(COLLECTIONS, self.dialect)
         self._migrate()
         self.format = VectorFormat(self, settings.vector_dtype)
 
@@ -266,8 +271,15 @@ class SQLStore(Store):
 
     def _write(self, stmt: Any, rows: list[dict[str, Any]]) -> None:
         with self.engine.begin() as conn:
+            bound = self.bindings.check(conn, rows)
             for batch in _statement_batches(rows):
                 conn.execute(stmt, batch)
+        self.bindings.remember(bound)
+
+    @_store_errors("read a collection's model")
+    def collection_model(self, collection: str) -> str | None:
+        """The model id ``collection`` is bound to (without backend suffix), if it has one."""
+        return self.bindings.model(self.engine, collection)
 
     @_store_errors("read items")
     def get(self, collection: str, ids: Sequence[str]) -> list[Item]:

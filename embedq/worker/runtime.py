@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from typing import Any
@@ -14,7 +15,7 @@ import redis
 from embedq.broker.client import cache_client, shared_client
 from embedq.codec import Embeddings
 from embedq.encode.base import Encoder
-from embedq.encode.factory import create_encoder
+from embedq.encode.factory import create_encoders
 from embedq.errors import EncoderError, UnknownModelError
 from embedq.inputs import EmbedRequest
 from embedq.keys import content_hash
@@ -33,17 +34,33 @@ log = logging.getLogger(__name__)
 class Runtime:
     """The worker-side pipeline: request -> batcher (cache, encoder) -> store."""
 
-    def __init__(self, settings: Settings, encoder: Encoder | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: Encoder | None = None,
+        encoders: Sequence[Encoder] | None = None,
+    ) -> None:
         self.settings = settings
-        self.encoder = encoder or create_encoder(settings)
+        # One encoder per model, the default first (``encoder`` alone: a one-model worker).
+        found = list(encoders or ([encoder] if encoder else create_encoders(settings)))
+        self.encoders = found
+        self.encoder = found[0]
         client, shared = cache_client(settings.cache_url)
         # On the broker's Redis the cache keeps to its share; on its own Redis, LRU rules.
         share = settings.cache_max_share if shared else None
         self.cache = RedisCache(
             client, settings.cache_ttl_s, settings.lru_items, share, dtype=settings.vector_dtype
         )
-        self.batcher = Batcher(
-            self.encoder,
+        # A batch never mixes models: one batcher (thread, token budget) per model.
+        self.batchers = {e.model_id: self._batcher(e) for e in found}
+        self.batcher = self.batchers[self.encoder.model_id]
+        self._store: Store | None = None
+        self._store_lock = threading.Lock()
+
+    def _batcher(self, encoder: Encoder) -> Batcher:
+        settings = self.settings
+        return Batcher(
+            encoder,
             self.cache,
             wait_s=settings.batch_wait_ms / 1000,
             max_batch_size=settings.max_batch_size,
@@ -52,8 +69,30 @@ class Runtime:
             flight=Flight(self.cache, settings.cache_lease_ms) if settings.cache_lease_ms else None,
             on_fatal=stop_worker,
         )
-        self._store: Store | None = None
-        self._store_lock = threading.Lock()
+
+    def select(self, model: str | None) -> Encoder:
+        """The encoder a request naming ``model`` gets (``None``: the default)."""
+        for encoder in self.encoders:
+            if encoder.accepts(model):
+                return encoder
+        served = ", ".join(f"{e.name!r} ({e.model_id})" for e in self.encoders)
+        raise UnknownModelError(f"model {model!r} is not served here; this worker serves {served}")
+
+    def models(self) -> list[dict[str, Any]]:
+        """Each model served, with its dimension and current token budget (for heartbeats)."""
+        return [
+            {**e.describe(), "max_batch_tokens": self.batchers[e.model_id].max_batch_tokens}
+            for e in self.encoders
+        ]
+
+    def texts_encoded(self) -> int:
+        """Texts encoded by all of this worker's models since it started."""
+        return sum(b.stats.texts_encoded for b in self.batchers.values())
+
+    def work(self) -> tuple[int, float]:
+        """Tokens encoded and model seconds spent by all models (for the price per token)."""
+        stats = [b.stats for b in self.batchers.values()]
+        return sum(s.tokens_encoded for s in stats), sum(s.encode_seconds for s in stats)
 
     @property
     def store(self) -> Store:
@@ -65,24 +104,17 @@ class Runtime:
 
     def embed(self, request: EmbedRequest) -> Embeddings:
         """Vectors for ``request`` in input order; stored too when it names a collection."""
-        self._check_model(request)
-        vectors, _ = self._encode(request)
+        encoder = self.select(request.model)
+        vectors, _ = self._encode(request, encoder)
         if request.collection:
-            self.save(request, vectors)
+            self.save(request, vectors, encoder=encoder)
         return vectors
 
-    def _check_model(self, request: EmbedRequest) -> None:
-        if not self.encoder.accepts(request.model):
-            raise UnknownModelError(
-                f"model {request.model!r} is not served here; this worker serves "
-                f"{self.encoder.name!r} ({self.encoder.model_id})"
-            )
-
-    def _encode(self, request: EmbedRequest) -> tuple[Embeddings, int]:
-        """Vectors (and how many came from the cache) through the batcher."""
+    def _encode(self, request: EmbedRequest, encoder: Encoder) -> tuple[Embeddings, int]:
+        """Vectors (and how many came from the cache) through the model's batcher."""
         if not request.texts:
-            return Embeddings(np.zeros((0, self.encoder.dim), dtype=np.float32)), 0
-        future = self.batcher.submit(request.texts, request.normalize)
+            return Embeddings(np.zeros((0, encoder.dim), dtype=np.float32)), 0
+        future = self.batchers[encoder.model_id].submit(request.texts, request.normalize)
         try:
             result = future.result(timeout=self.settings.task_soft_time_limit_s)
         except FutureTimeout as exc:
@@ -94,7 +126,7 @@ class Runtime:
                 "%d of %d texts were truncated to the model's %d tokens (positions %s)",
                 len(truncated),
                 len(request.texts),
-                self.encoder.max_seq_tokens,
+                encoder.max_seq_tokens,
                 truncated[:10],
             )
         return Embeddings(result.vectors, truncated), result.cache_hits
@@ -116,16 +148,16 @@ class Runtime:
         Returns counts only (never vectors).
         """
         assert request.collection is not None and request.ids is not None
-        self._check_model(request)
+        encoder = self.select(request.model)
         version = request.version or now_version()
         hashes = [content_hash(text) for text in request.texts]
-        prints = self._fingerprints(request, hashes)
+        prints = self._fingerprints(request, hashes, encoder.model_id)
         current = self.store.mark_current(request.collection, prints, version)
         todo = [i for i, doc_id in enumerate(request.ids) if doc_id not in current]
         subset = _subset(request, todo)
-        vectors, cache_hits = self._encode(subset)
+        vectors, cache_hits = self._encode(subset, encoder)
         if todo:
-            self.save(subset, vectors, [hashes[i] for i in todo], version)
+            self.save(subset, vectors, [hashes[i] for i in todo], version, encoder)
         for parent, count in chunks.items():
             self.store.delete_chunks(request.collection, parent, count, version)
         return {
@@ -137,14 +169,16 @@ class Runtime:
             "truncated": len(vectors.truncated),
         }
 
-    def _fingerprints(self, request: EmbedRequest, hashes: list[str]) -> list[Fingerprint]:
+    def _fingerprints(
+        self, request: EmbedRequest, hashes: list[str], model_id: str
+    ) -> list[Fingerprint]:
         """What each document would be stored as, but its vector."""
         assert request.ids is not None
         return [
             Fingerprint(
                 id=doc_id,
                 content_hash=hashes[i],
-                model=self.encoder.model_id,
+                model=model_id,
                 meta_hash=meta_hash(
                     request.metadata[i] if request.metadata else None,
                     request.parent_ids[i] if request.parent_ids else None,
@@ -160,10 +194,14 @@ class Runtime:
         vectors: Embeddings,
         hashes: list[str] | None = None,
         version: int | None = None,
+        encoder: Encoder | None = None,
     ) -> int:
         """Upsert the request's items; ids default to the content hash of each text.
-        ``version`` (default: the request's, else now) orders writes of the same item."""
+        ``version`` (default: the request's, else now) orders writes of the same item.
+        ``encoder`` made the vectors (default: the default model's); a collection bound to
+        another model refuses them (:class:`~embedq.errors.CollectionModelError`)."""
         assert request.collection is not None
+        model_id = (encoder or self.encoder).model_id
         hashes = hashes or [content_hash(t) for t in request.texts]
         ids = request.ids or hashes
         metadata = request.metadata or [{}] * len(ids)
@@ -177,7 +215,7 @@ class Runtime:
                 id=item_id,
                 text=request.texts[i],
                 vector=np.asarray(vectors[i]),
-                model=self.encoder.model_id,
+                model=model_id,
                 content_hash=hashes[i],
                 metadata=metadata[i],
                 truncated=i in cut,
@@ -190,8 +228,9 @@ class Runtime:
         return self.store.upsert(items)
 
     def close(self) -> None:
-        """Drain the batcher and close the store."""
-        self.batcher.close()
+        """Drain the batchers and close the store."""
+        for batcher in self.batchers.values():
+            batcher.close()
         if self._store is not None:
             self._store.close()
 
@@ -219,6 +258,11 @@ def slo_ttl_s(settings: Settings) -> int:
 
 _lock = threading.Lock()
 _runtime: Runtime | None = None
+
+
+def current_runtime() -> Runtime | None:
+    """This process's runtime if one was built (never builds one)."""
+    return _runtime
 
 
 def get_runtime() -> Runtime:

@@ -23,7 +23,13 @@ from embedq.ops import metrics, slo
 from embedq.ops.heartbeat import Heartbeat
 from embedq.settings import get_settings
 from embedq.worker.leases import TaskLeases, lease_interval_s
-from embedq.worker.runtime import close_runtime, get_runtime, slo_ttl_s
+from embedq.worker.runtime import (
+    Runtime,
+    close_runtime,
+    current_runtime,
+    get_runtime,
+    slo_ttl_s,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,7 @@ _leases: list[TaskLeases] = []
 
 def _load_or_stop() -> bool:
     try:
-        health = get_runtime().encoder.health()
+        health = [encoder.health() for encoder in get_runtime().encoders]
     except Exception:
         # A worker that cannot embed must not take tasks: shut it down warmly.
         log.critical("model failed to load; stopping this worker", exc_info=True)
@@ -64,13 +70,23 @@ def _start_heartbeat(consumer: Any) -> None:
         queues,
         consumer.hostname,
         runtime.encoder,
-        lambda: runtime.batcher.stats.texts_encoded,
+        lambda: _live_runtime(runtime).texts_encoded(),
         extra={"metrics_port": port, "pid": os.getpid()},
-        live=lambda: {"max_batch_tokens": runtime.batcher.max_batch_tokens},
-        work=lambda: (runtime.batcher.stats.tokens_encoded, runtime.batcher.stats.encode_seconds),
+        live=lambda: _live(_live_runtime(runtime)),
+        work=lambda: _live_runtime(runtime).work(),
     )
     beat.start()
     _heartbeats.append(beat)
+
+
+def _live_runtime(started: Runtime) -> Runtime:
+    # The process's runtime as it is now (tests swap in one with more models).
+    return current_runtime() or started
+
+
+def _live(runtime: Runtime) -> dict[str, Any]:
+    """Figures that change while the worker runs: learned budgets, the models served."""
+    return {"max_batch_tokens": runtime.batcher.max_batch_tokens, "models": runtime.models()}
 
 
 def _start_leases(consumer: Any) -> None:
