@@ -9,9 +9,8 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import redis
 
-from embedq.broker.client import cache_client, shared_client
+from embedq.broker.client import cache_client
 from embedq.codec import Embeddings
 from embedq.encode.base import Encoder
 from embedq.encode.factory import create_encoder
@@ -97,10 +96,8 @@ class Runtime:
         metrics.CACHE.labels("hit").inc(hits)
         metrics.CACHE.labels("miss").inc(texts - hits)
         metrics.TRUNCATED.inc(truncated)
-        try:
-            slo.record_cache(shared_client(), hits, texts - hits, slo_ttl_s(self.settings))
-        except redis.RedisError as exc:
-            log.warning("could not count cache answers: %s", exc)
+        # Summed in process, written to Redis a few times a second (not once per task).
+        slo.worker_tally().add_cache(hits, texts - hits)
 
     def ingest(self, request: EmbedRequest, chunks: dict[str, int]) -> dict[str, int]:
         """Store documents, skipping those stored with the same text, model, metadata,
