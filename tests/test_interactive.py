@@ -3,14 +3,21 @@ the API's shared result listener, and the bench's interactive load driver."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import threading
 import uuid
 
+import numpy as np
 import pytest
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from embedq.broker.results import ResultListener
+from embedq.broker.url import redis_url
+from embedq.errors import InvalidInputError
 from embedq.ops import slo
 from embedq.tools.interactive import Progress, run_callers
 from tests.helpers import wait_until
@@ -80,3 +87,52 @@ def test_run_callers_raises_what_a_caller_hit():
 
     with pytest.raises(ValueError, match="no x"):
         run_callers(fail, ["x"], callers=3, tasks=10, label="t")
+
+
+def test_result_listener_waits_for_many_results_on_one_connection(runtime, redis_client):
+    from embedq.app import app
+    from embedq.tasks import embed_texts
+
+    stored = embed_texts.delay(["stored before anyone waits"])
+    stored.get(timeout=60)  # its pub/sub message is gone: only the read after subscribing sees it
+    bad = app.send_task("embedq.embed_texts", args=[[123]], queue="cpu")  # fails in the worker
+
+    async def wait_all() -> tuple[list[object], int]:
+        listener = ResultListener(app.backend, redis_url())
+        results = [embed_texts.delay([f"listener {i} {uuid.uuid4()}"]) for i in range(20)]
+        waits = [listener.wait(r.id, 60) for r in [stored, *results]]
+        threads = {t.ident for t in threading.enumerate()}
+        got = await asyncio.gather(*waits)
+        with pytest.raises(InvalidInputError):
+            await listener.wait(bad.id, 60)
+        with pytest.raises(CeleryTimeout):
+            await listener.wait(uuid.uuid4().hex, 0.2)
+        # The in-process worker's pool may grow meanwhile; the listener adds none.
+        new = [t.name for t in threading.enumerate() if t.ident not in threads]
+        return got, [n for n in new if not n.startswith("ThreadPoolExecutor")]
+
+    got, new_threads = asyncio.run(wait_all())
+    assert len(got) == 21 and all(np.asarray(v).shape == (1, 384) for v in got)
+    assert new_threads == [], "no thread per waiting request"
+    assert not redis_client.exists(app.backend.get_key_for_task(stored.id)), "forgotten once read"
+
+
+def test_api_serves_concurrent_requests_through_the_shared_listener(celery_worker):
+    import httpx
+
+    from embedq.api import create_app
+    from embedq.settings import get_settings
+
+    api = create_app(get_settings().model_copy(update={"api_keys": None}), allow_anonymous=True)
+    texts = [f"api listener {i} {uuid.uuid4()}" for i in range(24)]
+
+    async def post_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            posts = [client.post("/v1/embeddings", json={"input": t}) for t in texts]
+            return await asyncio.gather(*posts)
+
+    responses = asyncio.run(post_all())
+    assert [r.status_code for r in responses] == [200] * len(texts)
+    vectors = [r.json()["data"][0]["embedding"] for r in responses]
+    assert all(len(v) == 384 for v in vectors) and len({tuple(v) for v in vectors}) == len(texts)
