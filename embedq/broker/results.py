@@ -138,6 +138,8 @@ class ResultListener:
         # would each open one (and messages would come on a connection nobody reads).
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._leaving: list[bytes] = []
+        self._leaver: asyncio.Task[None] | None = None
 
     async def wait(self, task_id: str, timeout_s: float) -> Any:
         """The task's result (its error raised), forgotten once read; Celery's
@@ -170,11 +172,19 @@ class ResultListener:
                 self._resolve(key, value)
 
     async def _leave(self, key: bytes) -> None:
-        # Forgetting is housekeeping: failures only cost the result's expiry.
+        # Requests finishing together leave (UNSUBSCRIBE, DEL) in one go, not one each.
+        self._leaving.append(key)
+        if len(self._leaving) == 1:
+            self._leaver = asyncio.get_running_loop().create_task(self._leave_all())
+
+    async def _leave_all(self) -> None:
+        await asyncio.sleep(0)  # the other requests resolved by the same message batch
+        keys, self._leaving = self._leaving, []
+        # Forgetting is housekeeping: failures only cost the results' expiry.
         with contextlib.suppress(*AIO_ERRORS):
             async with self._lock:
-                await self._pubsub.unsubscribe(key)
-            await self._client.delete(key)
+                await self._pubsub.unsubscribe(*keys)
+            await self._client.delete(*keys)
 
     async def _read(self) -> None:
         while self._waiting or self._pubsub.subscribed:
