@@ -295,8 +295,9 @@ class Service:
         return sum(len(x) for x in ids)
 
 
-def get_service(request: Request) -> Service:
-    """The app's :class:`Service` (a dependency of every route)."""
+async def get_service(request: Request) -> Service:
+    """The app's :class:`Service` (a dependency of every route; async, so FastAPI calls it
+    in the event loop rather than through a worker thread)."""
     return request.app.state.service
 
 

@@ -180,7 +180,7 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
     raw = {name: raw_figures(model, texts, opts.repeats) for name, texts in data.items()}
     one_by_one = _latency_texts(data, opts.latency_n)
     raw_lat = raw_latency(model, one_by_one)
-    inter_texts = _latency_texts(data, sum(len(t) for t in data.values()))
+    inter_texts = _interactive_texts(opts, data)
     # Raw encode of the interactive texts as users call it (batch 32, its default).
     raw_inter = raw_figures(model, inter_texts[: opts.interactive_n], opts.repeats)
     # The raw model's threads (or GPU memory) must not compete with the worker's.
@@ -257,6 +257,14 @@ def worker_budget(url: str, queue: str) -> int | None:
     time.sleep(INTERVAL_S + 0.5)
     workers = read_workers(connect(url)).get(queue) or [{}]
     return workers[0].get("max_batch_tokens")
+
+
+def _interactive_texts(opts: BenchOptions, data: dict[str, list[str]]) -> list[str]:
+    # Every SICK sentence (--limit cuts the bulk sets only): each scenario needs its own.
+    try:
+        return load_texts("sick", opts.data_dir)
+    except ConfigurationError:
+        return _latency_texts(data, sum(len(t) for t in data.values()))
 
 
 def _latency_texts(data: dict[str, list[str]], n: int) -> list[str]:

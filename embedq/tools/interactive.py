@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -149,13 +150,15 @@ def api_server(env: dict[str, str]) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "embedq.cli", "api", "--insecure-no-auth", "--port", str(port)]
     # Rate limiting would throttle the load itself.
-    proc = start(cmd, env | {"EMBEDQ_API_RATE_LIMIT_PER_MIN": "100000000"})
+    limits = {"EMBEDQ_API_RATE_LIMIT_PER_MIN": "100000000"}
+    # Its access log (a line per request) would bury the progress line.
+    proc = start(cmd, env | limits, output=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + API_READY_TIMEOUT_S
         while not _answers(httpx, url):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start: {cmd}")
+                raise RuntimeError(f"the API did not start (run it alone to see why): {cmd}")
             time.sleep(0.2)
         yield url
     finally:
