@@ -212,14 +212,6 @@ def counting(client: Callable[[], redis.Redis], ttl_s: Callable[[], int]) -> Tal
     return TALLY
 
 
-def worker_tally() -> Tally:
-    """:func:`counting` into the broker's Redis, with the window's TTL (plus an hour)."""
-    from embedq.broker.client import shared_client
-    from embedq.settings import get_settings
-
-    return counting(shared_client, lambda: get_settings().slo_window_s + 3600)
-
-
 def stop_counting() -> None:
     """Flush this process's tally one last time and stop its flusher."""
     global _flusher

@@ -17,12 +17,13 @@ from embedq.encode.factory import create_encoder
 from embedq.errors import EncoderError, UnknownModelError
 from embedq.inputs import EmbedRequest
 from embedq.keys import content_hash
-from embedq.ops import metrics, slo
+from embedq.ops import metrics
 from embedq.settings import Settings, get_settings
 from embedq.store.base import Fingerprint, Item, Store, meta_hash, now_version
 from embedq.store.factory import create_store
 from embedq.worker.batcher import Batcher
 from embedq.worker.cache import RedisCache
+from embedq.worker.counting import worker_tally
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Runtime:
         metrics.CACHE.labels("miss").inc(texts - hits)
         metrics.TRUNCATED.inc(truncated)
         # Summed in process, written to Redis a few times a second (not once per task).
-        slo.worker_tally().add_cache(hits, texts - hits)
+        worker_tally().add_cache(hits, texts - hits)
 
     def ingest(self, request: EmbedRequest, chunks: dict[str, int]) -> dict[str, int]:
         """Store documents, skipping those stored with the same text, model, metadata,

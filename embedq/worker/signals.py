@@ -22,6 +22,7 @@ from embedq.inputs import task_items
 from embedq.ops import metrics, slo
 from embedq.ops.heartbeat import Heartbeat
 from embedq.settings import get_settings
+from embedq.worker.counting import worker_tally
 from embedq.worker.leases import TaskLeases, lease_interval_s
 from embedq.worker.runtime import close_runtime, get_runtime
 
@@ -145,6 +146,6 @@ def _count_request(args: Any, kwargs: Any, seconds: float, failed: bool) -> None
     target_s = get_settings().slo_latency_ms / 1000
     try:
         # Summed in process, written to Redis a few times a second (not once per task).
-        slo.worker_tally().add_request(len(items), failed, seconds, target_s)
+        worker_tally().add_request(len(items), failed, seconds, target_s)
     except Exception as exc:  # counting must never fail a task
         log.warning("could not count the request: %s", exc)
