@@ -163,8 +163,8 @@ def _write(client: redis.Redis, minutes: dict[int, Counter[str]], ttl_s: int) ->
 
 
 class TallyFlusher:
-    """A daemon thread that flushes a :class:`Tally` ``FLUSH_INTERVAL_S`` after something
-    was counted; idle while nothing is."""
+    """A daemon thread that flushes a :class:`Tally` when something was counted, at most
+    once every ``FLUSH_INTERVAL_S``; idle while nothing is."""
 
     def __init__(
         self, tally: Tally, client: Callable[[], redis.Redis], ttl_s: Callable[[], int]
@@ -177,9 +177,10 @@ class TallyFlusher:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.tally.dirty.wait()
-            # Counts arriving meanwhile go out in the same pipeline.
-            self._stop.wait(FLUSH_INTERVAL_S)
+            # The first count after a quiet spell goes out at once; counts arriving in the
+            # next FLUSH_INTERVAL_S wait and go out together in the next pipeline.
             self.flush()
+            self._stop.wait(FLUSH_INTERVAL_S)
 
     def flush(self) -> None:
         """Write what is counted now; a Redis error is logged, the counts kept."""
