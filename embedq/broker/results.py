@@ -209,7 +209,11 @@ class ResultListener:
         future = self._waiting.get(key)
         if future is None or future.done():
             return
-        meta = self.backend.decode_result(value)
+        try:
+            meta = self.backend.decode_result(value)
+        except Exception as exc:  # the waiting request fails, never the shared reader
+            future.set_exception(exc)
+            return
         # Retries are stored (and published) too: only a final state ends the wait.
         if meta.get("status") in states.READY_STATES:
             future.set_result(meta)
