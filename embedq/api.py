@@ -11,6 +11,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import time
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,7 +35,8 @@ from embedq.broker.client import (
     shared_client,
     wait_while_full,
 )
-from embedq.broker.results import get_and_forget
+from embedq.broker.results import ResultListener, get_and_forget
+from embedq.broker.url import redis_url
 from embedq.encode.models import load_tokenizer
 from embedq.errors import (
     BrokerUnavailableError,
@@ -51,6 +54,9 @@ from embedq.ops.status import read_workers
 from embedq.settings import QUEUES, Settings, get_settings, split_models
 
 log = logging.getLogger(__name__)
+
+# The API reads which workers are alive at most this often (heartbeats come every few s).
+WORKERS_FRESH_S = 1.0
 
 
 # Optional here, so a missing key gets our 401 message rather than FastAPI's 403.
@@ -229,13 +235,21 @@ class Service:
 
     def require_worker(self) -> list[dict[str, Any]]:
         """Live workers, or 503 (a task would only wait in the queue)."""
-        workers = [w for beats in read_workers(shared_client()).values() for w in beats]
+        workers = self._live_workers()
         if not workers:
             raise ApiError(503, "no embedq worker is alive; start `embedq worker`", "NoWorker")
         return workers
 
-    def embed(self, texts: list[str], model: str | None, normalize: bool, queue: str | None):
-        """Vectors through Celery, waiting at most ``api_timeout_s``."""
+    def _live_workers(self) -> list[dict[str, Any]]:
+        # Read at most every WORKERS_FRESH_S, not once per request; none alive: read again.
+        seen_at, workers = getattr(self, "_workers_seen", (-math.inf, []))
+        if not workers or time.monotonic() - seen_at > WORKERS_FRESH_S:
+            workers = [w for beats in read_workers(shared_client()).values() for w in beats]
+            self._workers_seen = (time.monotonic(), workers)
+        return workers
+
+    def send(self, texts: list[str], model: str | None, normalize: bool, queue: str | None):
+        """Check the texts and that a worker lives, then enqueue; the task's AsyncResult."""
         from embedq.tasks import embed_texts
 
         self.check_texts(texts)
@@ -244,19 +258,41 @@ class Service:
         timeout_s = self.settings.api_timeout_s
         send = functools.partial(embed_texts.apply_async, (texts, model, normalize), **options)
         try:
-            result = wait_while_full(send, "the API", time.monotonic() + timeout_s)
+            return wait_while_full(send, "the API", time.monotonic() + timeout_s)
         except Exception as exc:
             if is_redis_full(exc):
                 raise ApiError(503, f"{describe(exc)}: try again later", "RedisFull") from exc
             raise
+
+    def embed(self, texts: list[str], model: str | None, normalize: bool, queue: str | None):
+        """Vectors through Celery, waiting at most ``api_timeout_s`` (blocking)."""
+        result = self.send(texts, model, normalize, queue)
         try:
-            return get_and_forget(result, timeout_s)
+            return get_and_forget(result, self.settings.api_timeout_s)
         except CeleryTimeout as exc:
-            raise ApiError(
-                504,
-                f"no result within {self.settings.api_timeout_s:g} s (EMBEDQ_API_TIMEOUT_S)",
-                "Timeout",
-            ) from exc
+            raise self._timeout() from exc
+
+    async def embed_async(
+        self, texts: list[str], model: str | None, normalize: bool, queue: str | None
+    ):
+        """:meth:`embed` for the event loop: enqueued from a worker thread, then waited for
+        on the shared result listener (no thread held while the task runs)."""
+        result = await run_in_threadpool(self.send, texts, model, normalize, queue)
+        try:
+            return await self.listener.wait(result.id, self.settings.api_timeout_s)
+        except CeleryTimeout as exc:
+            raise self._timeout() from exc
+
+    def _timeout(self) -> ApiError:
+        message = f"no result within {self.settings.api_timeout_s:g} s (EMBEDQ_API_TIMEOUT_S)"
+        return ApiError(504, message, "Timeout")
+
+    @functools.cached_property
+    def listener(self) -> ResultListener:
+        """The one pub/sub listener every waiting request of this process shares."""
+        from embedq.app import app
+
+        return ResultListener(app.backend, redis_url())
 
     def count_tokens(self, texts: list[str], model: str | None = None) -> int:
         """Tokens the model sees (special tokens included, cut at its max)."""
@@ -267,8 +303,9 @@ class Service:
         return sum(len(x) for x in ids)
 
 
-def get_service(request: Request) -> Service:
-    """The app's :class:`Service` (a dependency of every route)."""
+async def get_service(request: Request) -> Service:
+    """The app's :class:`Service` (a dependency of every route; async, so FastAPI calls it
+    in the event loop rather than through a worker thread)."""
     return request.app.state.service
 
 
@@ -287,9 +324,9 @@ Authorized = Depends(caller)
 
 
 @router.post("/embed", response_model=EmbedResponse, dependencies=[Authorized])
-def embed(body: EmbedBody, service: ServiceDep) -> EmbedResponse:
+async def embed(body: EmbedBody, service: ServiceDep) -> EmbedResponse:
     """Embed ``texts``; vectors in input order."""
-    vectors = service.embed(body.texts, body.model, body.normalize, body.queue)
+    vectors = await service.embed_async(body.texts, body.model, body.normalize, body.queue)
     return EmbedResponse(
         model=body.model or service.settings.model,
         dim=int(vectors.shape[1]),
@@ -299,10 +336,10 @@ def embed(body: EmbedBody, service: ServiceDep) -> EmbedResponse:
 
 
 @router.post("/v1/embeddings", dependencies=[Authorized])
-def openai_embeddings(body: OpenAIBody, service: ServiceDep) -> dict[str, Any]:
+async def openai_embeddings(body: OpenAIBody, service: ServiceDep) -> dict[str, Any]:
     """OpenAI-compatible embeddings (``encoding_format`` float or base64)."""
     texts = [body.input] if isinstance(body.input, str) else body.input
-    vectors = np.asarray(service.embed(texts, body.model, True, None), dtype=np.float32)
+    vectors = np.asarray(await service.embed_async(texts, body.model, True, None), np.float32)
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise ApiError(
             422,

@@ -328,6 +328,12 @@ def bench(
     chunk: int = typer.Option(64, envvar="EMBEDQ_BENCH_CHUNK", min=1, help="Texts per task."),
     limit: int | None = typer.Option(None, envvar="EMBEDQ_BENCH_LIMIT", help="Texts per set."),
     latency_n: int = typer.Option(200, envvar="EMBEDQ_BENCH_LATENCY_N", min=1),
+    callers: int = typer.Option(
+        32, envvar="EMBEDQ_BENCH_CALLERS", min=1, help="Concurrent one-text callers."
+    ),
+    interactive_n: int = typer.Option(
+        1000, envvar="EMBEDQ_BENCH_INTERACTIVE_N", min=1, help="Requests per interactive run."
+    ),
     redis_db: int = typer.Option(
         13, envvar="EMBEDQ_BENCH_REDIS_DB", help="Flushed before each repeat: keep it unused."
     ),
@@ -349,6 +355,8 @@ def bench(
         chunk=chunk,
         limit=limit,
         latency_n=latency_n,
+        callers=callers,
+        interactive_n=interactive_n,
         command=" ".join(["embedq", *sys.argv[1:]]),
     )
     spec = json.dumps(asdict(options), default=str)

@@ -17,6 +17,7 @@ from tests.helpers import BIN, ROOT, SHARED_DATA, env
 def test_bench_measures_raw_and_pipeline_and_writes_json_and_png(tmp_path, side_redis):
     cmd = [str(BIN / "embedq"), "bench", "--data", "sick", "--data", "pydoc", "--device", "cpu"]
     cmd += ["--limit", "40", "--repeats", "1", "--latency-n", "5", "--redis-db", "8"]
+    cmd += ["--callers", "4", "--interactive-n", "20"]
     cmd += ["--out", str(tmp_path), "--data-dir", str(SHARED_DATA)]
     # Database 8 of the side Redis: bench flushes it, and no other worker may take its tasks.
     environ = env(EMBEDQ_REDIS_URL=side_redis(0))
@@ -37,6 +38,13 @@ def test_bench_measures_raw_and_pipeline_and_writes_json_and_png(tmp_path, side_
     assert 0 < latency["pipeline"]["p50_ms"] <= latency["pipeline"]["p99_ms"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| cpu | sick | 40 |" in done.stdout
+    inter = [(r["via"], r["callers"], r["tasks"]) for r in report["interactive"]]
+    assert inter == [("tasks", 4, 20), ("tasks", 1, 20), ("http", 4, 20), ("http", 1, 20)]
+    for row in report["interactive"]:
+        assert row["tasks_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["ratio"] == round(row["tasks_per_s"] / row["raw_texts_per_s"], 3)
+    assert "http x4: 20/20" in done.stderr, "a progress line while it runs"
+    assert "| cpu | http | 4 | 20 |" in done.stdout
 
 
 def test_bench_data_sets_and_errors(tmp_path):

@@ -42,15 +42,27 @@ def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
 def test_status_report_counts_what_happened(runtime, redis_client):
     from embedq.tasks import embed_texts
 
+    settings = get_settings()
+    store = create_store(settings.database_url)
+
+    def events() -> int:
+        slos = {s["name"]: s for s in build_report(redis_client, store, settings).slos}
+        return min(slos[n]["events"] for n in ("error_rate", "latency"))
+
+    before = events()
     texts = unique_texts(5, "status")
     embed_texts.delay(texts).get(timeout=60)
     embed_texts.delay(texts).get(timeout=60)  # all from the cache
-    settings = get_settings()
-    store = create_store(settings.database_url)
-    report = build_report(redis_client, store, settings)
+
+    def counted() -> Report | None:
+        # Workers write their counts a few times a second (slo.FLUSH_INTERVAL_S).
+        report = build_report(redis_client, store, settings)
+        slos = {s["name"]: s for s in report.slos}
+        done = min(slos[n]["events"] for n in ("error_rate", "latency")) >= before + 2
+        return report if done and report.cache_hit_rate else None
+
+    report = wait_until(counted, 5, 0.1, "both tasks counted in the SLOs")
     assert report.workers["cpu"] and report.queue_depths["cpu"] == 0
-    slos = {s["name"]: s for s in report.slos}
-    assert slos["error_rate"]["events"] >= 2 and slos["latency"]["events"] >= 2
     assert report.cache_hit_rate is not None and 0 < report.cache_hit_rate <= 1
     text = render(report)
     assert "workers:" in text and "SLOs:" in text and "cache hit rate" in text
@@ -95,7 +107,13 @@ def test_worker_metrics_are_scrapable(tmp_path, side_redis):
         client_env = env | {"EMBEDQ_DATABASE_URL": env["EMBEDQ_DATABASE_URL"]}
         code = "from embedq.tasks import embed_texts; embed_texts.delay(['a b', 'c d e']).get(60)"
         subprocess.run([sys.executable, "-c", code], env=client_env, check=True, timeout=120)
-        body = http_get(url)[1]
+
+        def scraped() -> str | None:
+            # SLO counts reach Redis within slo.FLUSH_INTERVAL_S of the task.
+            body = http_get(url)[1]
+            return body if 'embedq_slo_sli{slo="error_rate"}' in body else None
+
+        body = wait_until(scraped, 5, 0.1, "the SLIs in the scrape")
     for name in (
         'embedq_texts_embedded_total{device="cpu"}',
         "embedq_tokens_total",

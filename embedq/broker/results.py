@@ -3,17 +3,21 @@ forgetting them once read, and storing them through a full Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import redis
+import redis.asyncio as aioredis
+from celery import states
 from celery.app.backends import BACKEND_ALIASES
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from embedq.broker.client import BROKER_ERRORS, wait_while_full
+from embedq.broker.client import BROKER_ERRORS, client_url, describe, wait_while_full
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,8 @@ log = logging.getLogger(__name__)
 # restart (celery#4857) and then waits forever: read the stored state this often instead.
 RESULT_POLL_S = 5.0
 RECONNECT_PAUSE_S = 1.0
+# What a Redis outage looks like to the asyncio listener.
+AIO_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 def get_result(
@@ -104,3 +110,115 @@ def register_backend() -> None:
     """Serve redis:// and rediss:// result backend URLs with :class:`RedisBackend`."""
     for scheme in ("redis", "rediss"):
         BACKEND_ALIASES[scheme] = f"{__name__}:RedisBackend"
+
+
+class ResultListener:
+    """Waits for many task results at once on one Redis pub/sub connection, in an asyncio
+    loop: no thread and no polling per waiting request (the HTTP API uses it).
+
+    Each wait subscribes to its result's channel (Celery's Redis backend publishes every
+    stored state there), then reads the stored result once, for a result stored before the
+    subscription. After a lost connection every waiting result is read again, so a message
+    missed meanwhile (celery#4857) costs no wait."""
+
+    def __init__(self, backend: Any, url: str) -> None:
+        self.backend, self.url = backend, url
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+
+    def _bind(self) -> None:
+        # A new loop (tests start one per client) gets its own connection and reader.
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        self._loop, self._waiting = loop, {}
+        self._client = aioredis.Redis.from_url(client_url(self.url))
+        self._pubsub = self._client.pubsub()
+        # redis-py's PubSub opens its connection on first use: concurrent first calls
+        # would each open one (and messages would come on a connection nobody reads).
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._leaving: list[bytes] = []
+        self._leaver: asyncio.Task[None] | None = None
+
+    async def wait(self, task_id: str, timeout_s: float) -> Any:
+        """The task's result (its error raised), forgotten once read; Celery's
+        ``TimeoutError`` after ``timeout_s``."""
+        self._bind()
+        key = self.backend.get_key_for_task(task_id)
+        future = self._waiting[key] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._subscribe(key)
+                meta = await future
+        except TimeoutError as exc:
+            raise CeleryTimeout(f"no result for task {task_id} within {timeout_s:g} s") from exc
+        finally:
+            self._waiting.pop(key, None)
+            await self._leave(key)
+        return self._outcome(meta)
+
+    async def _subscribe(self, key: bytes) -> None:
+        async with self._lock:
+            await self._pubsub.subscribe(key)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        await self._check([key])
+
+    async def _check(self, keys: list[bytes]) -> None:
+        """Read the stored results of ``keys`` (those already there resolve now)."""
+        for key, value in zip(keys, await self._client.mget(keys), strict=True):
+            if value is not None:
+                self._resolve(key, value)
+
+    async def _leave(self, key: bytes) -> None:
+        # Requests finishing together leave (UNSUBSCRIBE, DEL) in one go, not one each.
+        self._leaving.append(key)
+        if len(self._leaving) == 1:
+            self._leaver = asyncio.get_running_loop().create_task(self._leave_all())
+
+    async def _leave_all(self) -> None:
+        await asyncio.sleep(0)  # the other requests resolved by the same message batch
+        keys, self._leaving = self._leaving, []
+        # Forgetting is housekeeping: failures only cost the results' expiry.
+        with contextlib.suppress(*AIO_ERRORS):
+            async with self._lock:
+                await self._pubsub.unsubscribe(*keys)
+            await self._client.delete(*keys)
+
+    async def _read(self) -> None:
+        while self._waiting or self._pubsub.subscribed:
+            try:
+                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            except AIO_ERRORS as exc:
+                log.warning("result listener lost Redis (%s); reconnecting", describe(exc))
+                await asyncio.sleep(RECONNECT_PAUSE_S)
+                await self._recover()
+                continue
+            if message is not None and message.get("type") == "message":
+                self._resolve(message["channel"], message["data"])
+
+    async def _recover(self) -> None:
+        with contextlib.suppress(*AIO_ERRORS):
+            if keys := list(self._waiting):
+                async with self._lock:
+                    await self._pubsub.subscribe(*keys)
+                await self._check(keys)
+
+    def _resolve(self, key: bytes, value: bytes) -> None:
+        future = self._waiting.get(key)
+        if future is None or future.done():
+            return
+        try:
+            meta = self.backend.decode_result(value)
+        except Exception as exc:  # the waiting request fails, never the shared reader
+            future.set_exception(exc)
+            return
+        # Retries are stored (and published) too: only a final state ends the wait.
+        if meta.get("status") in states.READY_STATES:
+            future.set_result(meta)
+
+    def _outcome(self, meta: dict[str, Any]) -> Any:
+        if meta["status"] == states.SUCCESS:
+            return meta["result"]
+        raise self.backend.exception_to_python(meta["result"])

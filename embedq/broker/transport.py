@@ -4,6 +4,8 @@ and a full Redis (maxmemory, noeviction) is waited out instead of killing the wo
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -49,6 +51,20 @@ class _QoS(kombu_redis.QoS):
 
 class _RedisChannel(ReliableFetch, kombu_redis.Channel):
     QoS = _QoS
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """``client``, else one redis-py client kept per pool (kombu builds a new one
+        for every unacked entry, ack and landing removal: ~0.1 ms of CPU each, on the
+        worker's one consumer thread). A closed channel's new pool still refuses."""
+        if client:
+            yield client
+            return
+        pool = self.pool
+        cached = self.__dict__.get("_plain_client")
+        if cached is None or cached.connection_pool is not pool:
+            cached = self.__dict__["_plain_client"] = self._create_client()
+        yield cached
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # A task that outlived a Redis restart acks on its old channel, whose connection

@@ -8,7 +8,10 @@ pydoc docstrings, both mixed) it measures, on the same machine and the same text
 - pipeline: tasks of ``chunk`` texts through Redis to an ``embedq worker`` subprocess of the
   device's queue and back; every cache is emptied before each repeat, so each text is
   really encoded;
-- single-text round trip (p50/p99) through the queue vs raw ``encode`` of one text.
+- single-text round trip (p50/p99) through the queue vs raw ``encode`` of one text;
+- interactive: ``callers`` concurrent callers (and one caller), one text per request, as
+  ``embed_texts`` tasks and through the HTTP API (``POST /v1/embeddings``): requests/s and
+  p50/p99, vs raw ``encode`` (batch 32) of the same texts. A progress line shows on stderr.
 
 Figures are medians over repeats. Writes ``bench.json`` and ``bench.png`` into ``out``.
 The Redis database given is flushed before each repeat: never point it at one in use.
@@ -189,6 +192,8 @@ class BenchOptions:
     chunk: int = 64
     limit: int | None = None
     latency_n: int = 200
+    callers: int = 32
+    interactive_n: int = 1000
     command: str = "embedq bench"
 
 
@@ -205,6 +210,9 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
     raw = {name: raw_figures(model, texts, opts.repeats, device) for name, texts in data.items()}
     one_by_one = _latency_texts(data, opts.latency_n)
     raw_lat = raw_latency(model, one_by_one)
+    inter_texts = _interactive_texts(opts, data)
+    # Raw encode of the interactive texts as users call it (batch 32, its default).
+    raw_inter = raw_figures(model, inter_texts[: opts.interactive_n], opts.repeats)
     # The raw model's threads (or GPU memory) must not compete with the worker's.
     del model
     gc.collect()
@@ -219,12 +227,56 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
             piped[name] = pipeline_seconds(texts, queue, opts.chunk, opts.repeats, flush)
             budgets[name] = worker_budget(opts.redis_url, queue)
         lat = pipeline_latency(one_by_one, queue)
-    rows = [_row(device, name, len(data[name]), raw[name], piped[name]) for name in data]
-    for row in rows:
+        flush()
+        # The flush removed the worker's heartbeat: the API needs it back first.
+        worker_budget(opts.redis_url, queue)
+        rows = interactive_rows(device, queue, opts, inter_texts, raw_inter)
+    table_rows = [_row(device, name, len(data[name]), raw[name], piped[name]) for name in data]
+    for row in table_rows:
         row["batch_budget_tokens"] = budgets[row["data"]]
     gap = round(lat["p50_ms"] - raw_lat["p50_ms"], 2)
     latency = {"device": device, "raw": raw_lat, "pipeline": lat, "p50_gap_ms": gap}
-    return {"rows": rows, "latency": latency}
+    return {"rows": table_rows, "latency": latency, "interactive": rows}
+
+
+def interactive_rows(
+    device: str, queue: str, opts: BenchOptions, texts: list[str], raw: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Concurrent one-text callers (``opts.callers``, then one), as tasks and through the
+    HTTP API; each scenario gets texts of its own, so none is answered by the cache."""
+    from embedq.tools.interactive import api_server, celery_sender, http_sender, run_callers
+
+    single_n = max(20, opts.interactive_n // 10)
+    plan = [(opts.callers, opts.interactive_n), (1, single_n)]
+    slices = _slices(texts, [n for _, n in plan] * 2 + [40])
+    rows = []
+    for (callers, n), part in zip(plan, slices, strict=False):
+        figures = run_callers(celery_sender(queue), part, callers, n, f"{device} tasks x{callers}")
+        rows.append(_inter_row(device, "tasks", figures, raw))
+    with api_server({"EMBEDQ_REDIS_URL": opts.redis_url}) as url:
+        send = http_sender(url)
+        run_callers(send, slices[-1], 4, 40, f"{device} http warm-up")
+        for (callers, n), part in zip(plan, slices[len(plan) :], strict=False):
+            figures = run_callers(send, part, callers, n, f"{device} http x{callers}")
+            rows.append(_inter_row(device, "http", figures, raw))
+    return rows
+
+
+def _slices(texts: list[str], sizes: list[int]) -> list[list[str]]:
+    """Consecutive slices of ``texts`` of ``sizes`` (wrapping round when there are too few)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append([texts[(start + i) % len(texts)] for i in range(size)])
+        start += size
+    return out
+
+
+def _inter_row(
+    device: str, via: str, figures: dict[str, float], raw: dict[str, float]
+) -> dict[str, Any]:
+    raw_tps = round(raw["texts_per_s"], 1)
+    ratio = round(figures["tasks_per_s"] / raw_tps, 3)
+    return {"device": device, "via": via, **figures, "raw_texts_per_s": raw_tps, "ratio": ratio}
 
 
 def worker_budget(url: str, queue: str) -> int | None:
@@ -235,6 +287,14 @@ def worker_budget(url: str, queue: str) -> int | None:
     time.sleep(INTERVAL_S + 0.5)
     workers = read_workers(connect(url)).get(queue) or [{}]
     return workers[0].get("max_batch_tokens")
+
+
+def _interactive_texts(opts: BenchOptions, data: dict[str, list[str]]) -> list[str]:
+    # Every SICK sentence (--limit cuts the bulk sets only): each scenario needs its own.
+    try:
+        return load_texts("sick", opts.data_dir)
+    except ConfigurationError:
+        return _latency_texts(data, sum(len(t) for t in data.values()))
 
 
 def _latency_texts(data: dict[str, list[str]], n: int) -> list[str]:
@@ -277,6 +337,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         "chunk": opts.chunk,
         "rows": [row for part in parts for row in part["rows"]],
         "latency": [part["latency"] for part in parts],
+        "interactive": [row for part in parts for row in part["interactive"]],
     }
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -293,10 +354,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConfigurationError("the plot needs: pip install 'embedq[bench]'") from exc
-    rows = report["rows"]
+    rows, inter = report["rows"], report.get("interactive") or []
     labels = [f"{r['device']}\n{r['data']}" for r in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
+    width = max(5, 1.6 * len(rows)) + (1.4 * len(inter) if inter else 0)
+    fig, axes = plt.subplots(1, 2 if inter else 1, figsize=(width, 4), squeeze=False)
+    ax = axes[0][0]
     ax.bar(x - 0.2, [r["raw_texts_per_s"] for r in rows], 0.4, label="raw encode")
     ax.bar(x + 0.2, [r["pipeline_texts_per_s"] for r in rows], 0.4, label="embedq pipeline")
     for i, r in enumerate(rows):
@@ -305,9 +368,40 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("texts/s")
     ax.set_title(f"embedq bench ({report['machine']}, {report['date']})")
     ax.legend()
+    if inter:
+        _plot_interactive(axes[0][1], inter)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_interactive(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Requests/s of one-text callers (tasks, HTTP) next to raw encode's texts/s."""
+    x = np.arange(len(rows))
+    labels = [f"{r['device']} {r['via']}\nx{r['callers']}" for r in rows]
+    ax.bar(x - 0.2, [r["raw_texts_per_s"] for r in rows], 0.4, label="raw encode (batch 32)")
+    ax.bar(x + 0.2, [r["tasks_per_s"] for r in rows], 0.4, label="one-text requests")
+    for i, r in enumerate(rows):
+        note = f"{r['ratio']:.2f}x\np50 {r['p50_ms']:g} ms"
+        ax.annotate(note, (i + 0.2, r["tasks_per_s"]), ha="center", fontsize=7)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("texts/s = requests/s")
+    ax.set_title("interactive: concurrent callers, one text each")
+    ax.legend(fontsize=7)
+
+
+def interactive_table(report: dict[str, Any]) -> str:
+    """The interactive rows as a Markdown table."""
+    lines = [
+        "| device | via | callers | requests | requests/s | p50 / p99 ms | raw texts/s | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report.get("interactive") or []:
+        lines.append(
+            f"| {r['device']} | {r['via']} | {r['callers']} | {r['tasks']} | {r['tasks_per_s']} "
+            f"| {r['p50_ms']} / {r['p99_ms']} | {r['raw_texts_per_s']} | **{r['ratio']}x** |"
+        )
+    return "\n".join(lines)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -331,6 +425,8 @@ def table(report: dict[str, Any]) -> str:
             f"| {lat['device']} | {raw['p50_ms']} / {raw['p99_ms']} | "
             f"{pipe['p50_ms']} / {pipe['p99_ms']} | {lat['p50_gap_ms']} |"
         )
+    if report.get("interactive"):
+        lines += ["", interactive_table(report)]
     return "\n".join(lines)
 
 

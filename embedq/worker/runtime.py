@@ -10,21 +10,21 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import redis
 
-from embedq.broker.client import cache_client, shared_client
+from embedq.broker.client import cache_client
 from embedq.codec import Embeddings
 from embedq.encode.base import Encoder
 from embedq.encode.factory import create_encoders
 from embedq.errors import EncoderError, UnknownModelError
 from embedq.inputs import EmbedRequest
 from embedq.keys import content_hash
-from embedq.ops import metrics, slo
+from embedq.ops import metrics
 from embedq.settings import Settings, get_settings
 from embedq.store.base import Fingerprint, Item, Store, meta_hash, now_version
 from embedq.store.factory import create_store
 from embedq.worker.batcher import Batcher
 from embedq.worker.cache import RedisCache
+from embedq.worker.counting import worker_tally
 from embedq.worker.flight import Flight
 from embedq.worker.stop import stop_worker
 
@@ -135,10 +135,8 @@ class Runtime:
         metrics.CACHE.labels("hit").inc(hits)
         metrics.CACHE.labels("miss").inc(texts - hits)
         metrics.TRUNCATED.inc(truncated)
-        try:
-            slo.record_cache(shared_client(), hits, texts - hits, slo_ttl_s(self.settings))
-        except redis.RedisError as exc:
-            log.warning("could not count cache answers: %s", exc)
+        # Summed in process, written to Redis a few times a second (not once per task).
+        worker_tally().add_cache(hits, texts - hits)
 
     def ingest(self, request: EmbedRequest, chunks: dict[str, int]) -> dict[str, int]:
         """Store documents, skipping those stored with the same text, model, metadata,

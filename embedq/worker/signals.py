@@ -22,13 +22,13 @@ from embedq.inputs import task_items
 from embedq.ops import metrics, slo
 from embedq.ops.heartbeat import Heartbeat
 from embedq.settings import get_settings
+from embedq.worker.counting import worker_tally
 from embedq.worker.leases import TaskLeases, lease_interval_s
 from embedq.worker.runtime import (
     Runtime,
     close_runtime,
     current_runtime,
     get_runtime,
-    slo_ttl_s,
 )
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ def _shut_down(**_: Any) -> None:
     while _leases:
         _leases.pop().stop()
     close_runtime()
+    slo.stop_counting()
 
 
 COUNTED_TASKS = frozenset({"embedq.embed_texts", "embedq.ingest_documents"})
@@ -159,15 +160,9 @@ def _is_input(error: Any) -> bool:
 
 def _count_request(args: Any, kwargs: Any, seconds: float, failed: bool) -> None:
     items = task_items(args, kwargs) or []
-    settings = get_settings()
+    target_s = get_settings().slo_latency_ms / 1000
     try:
-        slo.record_request(
-            shared_client(),
-            texts=len(items),
-            failed=failed,
-            seconds=seconds,
-            latency_target_s=settings.slo_latency_ms / 1000,
-            ttl_s=slo_ttl_s(settings),
-        )
+        # Summed in process, written to Redis a few times a second (not once per task).
+        worker_tally().add_request(len(items), failed, seconds, target_s)
     except Exception as exc:  # counting must never fail a task
         log.warning("could not count the request: %s", exc)
