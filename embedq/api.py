@@ -111,7 +111,7 @@ class OpenAIBody(BaseModel):
     """``POST /v1/embeddings``, as OpenAI's API takes it (token arrays are not accepted)."""
 
     input: str | list[str]
-    model: str = "all-MiniLM-L6-v2"
+    model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -346,14 +346,15 @@ async def openai_embeddings(body: OpenAIBody, service: ServiceDep) -> dict[str, 
             f"dimensions={body.dimensions}: this model only gives {vectors.shape[1]}",
             "InvalidInputError",
         )
-    tokens = service.count_tokens(texts, body.model)
+    # Tokenizing (and a model's first tokenizer load) must not stall the event loop.
+    tokens = await run_in_threadpool(service.count_tokens, texts, body.model)
     return {
         "object": "list",
         "data": [
             {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
             for i, v in enumerate(vectors)
         ],
-        "model": body.model,
+        "model": body.model or service.settings.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
 

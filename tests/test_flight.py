@@ -112,6 +112,20 @@ def test_an_expired_lease_now_held_by_another_worker_is_not_released(redis_clien
     assert redis_client.get(vector_lease_key(keys[0])) == b"other-worker"
 
 
+def test_a_cache_over_its_share_takes_no_lease_and_encodes_at_once(redis_client):
+    from types import SimpleNamespace
+
+    keys = _keys(3)
+    flight = _worker(redis_client)
+    # The broker's Redis at 90% with the cache allowed 50%: its writes stay in process.
+    flight.cache.max_share = 0.5
+    flight.cache.memory = SimpleNamespace(state=lambda: SimpleNamespace(share=0.9))
+    recorder = _Recorder(flight, keys)
+    assert flight.serve(keys, recorder) == {}
+    assert recorder.calls == [[0, 1, 2]]
+    assert redis_client.exists(*[vector_lease_key(k) for k in keys]) == 0, "nobody waits"
+
+
 def test_redis_down_means_every_worker_encodes_its_own_misses():
     dead = redis.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     flight = _worker(dead)

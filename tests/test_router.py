@@ -230,5 +230,26 @@ def test_an_explicit_queue_is_kept_and_its_lane_weighed(monkeypatch):
         for _ in range(2)
     ]
     assert routed == [{"queue": A}, {"queue": B}]
+    # Through Celery's own router, whose merge puts the caller's options over the route.
+    from embedq.app import app
+
+    options = app.amqp.router.route({"queue": "gpu"}, "embedq.embed_texts", (["a"],), {})
+    assert options["queue"].name == A
     # A queue without lanes keeps Celery's own routing of the explicit queue.
     assert router.route_task("embedq.embed_texts", (["a"],), {}, {"queue": "cpu"}) is None
+
+
+def test_a_retry_from_a_workers_own_queue_goes_to_the_shared_queue():
+    from celery.app.task import Context
+
+    from embedq.tasks import embed_texts
+
+    def retried_from(routing_key: str) -> str:
+        request = Context(
+            args=(["a"],), kwargs={}, delivery_info={"exchange": "", "routing_key": routing_key}
+        )
+        return embed_texts.signature_from_request(request).options["queue"]
+
+    # That worker may be the one whose device failed: another one must get the retry.
+    assert retried_from("gpu.gpu-0@host.example.com") == "gpu"
+    assert retried_from("cpu") == "cpu"

@@ -35,11 +35,10 @@ def create_model_encoder(settings: Settings, spec: ModelSpec) -> Encoder:
 def create_encoders(settings: Settings) -> list[Encoder]:
     """One encoder per configured model, the default first. The memory cap is the worker's:
     each model's batches get an equal share, so all of them at once stay within it."""
-    specs = model_specs(settings)
-    # Read once, before loading: each model loaded would shrink the free memory it is read from.
-    total = memory_cap_bytes(settings, pick_device(settings.device))
-    pinned = settings.model_copy(update={"max_memory_mb": max(1, total // 2**20)})
-    encoders = [create_model_encoder(pinned, spec) for spec in specs]
-    for encoder in encoders:
-        encoder.memory_cap = total // len(encoders)
+    encoders = [create_model_encoder(settings, spec) for spec in model_specs(settings)]
+    if len(encoders) > 1:
+        # Read after every model loaded: what is left beside all their weights is shared.
+        total = memory_cap_bytes(settings, pick_device(settings.device))
+        for encoder in encoders:
+            encoder.memory_cap = total // len(encoders)
     return encoders

@@ -80,6 +80,7 @@ SPLITS = Counter("embedq_batch_splits", "Batches split after a failure (e.g. OOM
 BATCH_BUDGET = Gauge(
     "embedq_batch_budget_tokens",
     "Padded-token budget of the next batch (learned when EMBEDQ_ADAPTIVE_BATCH is on)",
+    ["model"],
     multiprocess_mode="max",
 )
 WORKER_INFO = Gauge(

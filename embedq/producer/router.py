@@ -297,11 +297,15 @@ def route_task(
         return None
     n_texts = len(task_items(args, kwargs) or ())
     if explicit := options.get("queue"):
-        name = getattr(explicit, "name", str(explicit))
-        count(name, "explicit")
+        queue = getattr(explicit, "name", str(explicit))
+        count(queue, "explicit")
         # The caller picked the queue; which of its workers' own queues is still weighed.
-        lane = router.lane(name, n_texts)
-        return {"queue": lane} if lane != name else None
+        lane = router.lane(queue, n_texts)
+        if lane == queue:
+            return None
+        # Celery merges the caller's options over the route: the lane must replace them.
+        options.pop("queue", None)
+        return {"queue": lane}
     model = task_model(name, args, kwargs)
     # A model's tasks go only to queues with a worker that serves it.
     allowed = model_filter.queues(model) if model is not None else None

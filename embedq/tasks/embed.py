@@ -15,7 +15,7 @@ from embedq.codec import Embeddings
 from embedq.errors import INPUT_ERRORS, EncoderError, InvalidInputError, PoisonTaskError, StoreError
 from embedq.inputs import parse_embed_request, task_items
 from embedq.keys import delivery_key
-from embedq.settings import get_settings
+from embedq.settings import QUEUES, get_settings
 from embedq.worker.leases import count_redelivery
 from embedq.worker.runtime import get_runtime
 
@@ -46,6 +46,23 @@ class EmbedTask(Task):
     resultrepr_maxsize = 120
     #: Parses the task's arguments on the caller's side; bad input never reaches the queue.
     validate: Callable[..., Any] | None = None
+
+    def signature_from_request(
+        self,
+        request: Any = None,
+        args: Any = None,
+        kwargs: Any = None,
+        queue: Any = None,
+        **extra: Any,
+    ) -> Any:
+        """A retry goes to the shared queue, never back to one worker's own queue: that
+        worker may be the one whose device failed (see :func:`embedq.keys.direct_queue`)."""
+        if queue is None:
+            info = (request if request is not None else self.request).delivery_info or {}
+            key = str(info.get("routing_key") or "")
+            if (shared := key.split(".", 1)[0]) != key and shared in QUEUES:
+                queue = shared
+        return super().signature_from_request(request, args, kwargs, queue, **extra)
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Validate, then publish with redacted argument reprs (see :func:`redact`)."""

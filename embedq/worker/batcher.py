@@ -372,7 +372,7 @@ class Batcher:
     def _record_batch(self, count: int, padded: int, tokens: int, seconds: float) -> None:
         self.stats.record_batch(count, padded, tokens, seconds)
         self.budget.observe(padded, tokens, seconds)
-        metrics.BATCH_BUDGET.set(self.budget.budget)
+        metrics.BATCH_BUDGET.labels(self.encoder.model_id).set(self.budget.budget)
         metrics.TEXTS.labels(self.encoder.device).inc(count)
         metrics.TOKENS.labels(self.encoder.device).inc(tokens)
         metrics.BATCH_SIZE.observe(count)

@@ -150,15 +150,26 @@ class RedisCache(Cache):
         """False while Redis is left alone after a failure (the LRU answers alone)."""
         return not self._paused()
 
+    @property
+    def writable(self) -> bool:
+        """Whether vectors written now reach Redis (not paused, not over the cache's share
+        of the broker's memory): only then can another worker wait for them."""
+        return self.available and self._room()
+
+    def _room(self) -> bool:
+        state = self.memory.state() if self.memory is not None else None
+        share = state.share if state is not None else None
+        return share is None or self.max_share is None or share < self.max_share
+
     def pause(self) -> None:
         """Leave Redis alone for :data:`PAUSE_S` (after a failure)."""
         self._paused_until = time.monotonic() + PAUSE_S
 
     def _has_room(self, count: int) -> bool:
-        state = self.memory.state() if self.memory is not None else None
-        share = state.share if state is not None else None
-        if share is None or self.max_share is None or share < self.max_share:
+        if self._room():
             return True
+        state = self.memory.state() if self.memory is not None else None
+        share = (state.share if state is not None else None) or 0.0
         self.stats.skipped_writes += count
         metrics.CACHE_WRITES_SKIPPED.inc(count)
         throttled_warning(

@@ -70,7 +70,8 @@ class Flight:
         """Have every position of ``keys`` encoded once cluster-wide: ``encode(positions)``
         encodes (and caches) those this worker must do; returns the cache values that other
         workers filled meanwhile, by position."""
-        if not self.cache.available:
+        # Nobody could wait for vectors that will not reach Redis: encode them here.
+        if not self.cache.writable:
             encode(list(range(len(keys))))
             return {}
         held = self._claim(keys)

@@ -20,7 +20,7 @@ from embedq.broker.client import check_eviction_policy, connect, shared_client
 from embedq.errors import INPUT_ERRORS
 from embedq.inputs import task_items
 from embedq.ops import metrics, slo
-from embedq.ops.heartbeat import Heartbeat
+from embedq.ops.heartbeat import Heartbeat, split_queues
 from embedq.settings import get_settings
 from embedq.worker.counting import worker_tally
 from embedq.worker.leases import TaskLeases, lease_interval_s
@@ -64,7 +64,8 @@ def _start_heartbeat(consumer: Any) -> None:
     runtime = get_runtime()
     queues = [q.name for q in consumer.task_consumer.queues]
     port = metrics.serve(shared_client(), runtime.settings)
-    metrics.describe_worker(consumer.hostname, queues, runtime.encoder.device)
+    shared, _ = split_queues(queues, consumer.hostname)
+    metrics.describe_worker(consumer.hostname, shared, runtime.encoder.device)
     beat = Heartbeat(
         shared_client(),
         queues,
