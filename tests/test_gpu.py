@@ -8,10 +8,12 @@ one, CI has none): the encoder, the batcher, the runtime and a gpu-queue task on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
 import weakref
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -88,6 +90,15 @@ class FakeCuda:
 
     def Event(self, enable_timing: bool = False) -> FakeEvent:  # torch's name
         return FakeEvent(self, enable_timing)
+
+    def Stream(self) -> str:  # torch's name
+        self.calls.append("new stream")
+        return f"stream {self.calls.count('new stream')}"
+
+    @contextlib.contextmanager
+    def stream(self, stream: str) -> Iterator[None]:
+        self.calls.append(f"on {stream}")
+        yield
 
 
 class FakeEvent:
@@ -178,10 +189,13 @@ def test_a_cuda_batch_is_timed_by_its_events_and_fetch_waits_for_its_own_only(
     encoder, cuda, pinned = cpu_encoder, FakeCuda(), []
     # The cuda path, on the CPU: fake events, and a plain tensor as the pinned buffer.
     monkeypatch.setattr(encoder, "_cuda", cuda)
+    monkeypatch.setattr(encoder, "_stream", None)
     monkeypatch.setattr(encoder, "_pinned", lambda s: pinned.append(s) or torch.empty(s))
     tok = encoder.tokenize(["first batch", "of two texts", "second batch"])
     first = encoder.launch(tok.ids[:2], True)
     second = encoder.launch(tok.ids[2:], True)
+    # Both on this model's own stream, made once (not the default one other models share).
+    assert cuda.calls.count("new stream") == 1 and cuda.calls.count("on stream 1") == 2
     assert isinstance(first, CudaBatch) and pinned == [(2, 384), (1, 384)]
     assert not [c for c in cuda.calls if c.startswith("synchronize")], "launch never waits"
     vectors = encoder.fetch(first)

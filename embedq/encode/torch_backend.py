@@ -101,6 +101,9 @@ class TorchEncoder(Encoder):
         self._config = self.model[0].auto_model.config
         self._path = path
         self._cuda: Any = torch.cuda if self.device.startswith("cuda") else None
+        # This model's own CUDA stream (made on first launch): models sharing a GPU would
+        # otherwise time each other's kernels with events on the one default stream.
+        self._stream: Any = None
         self._fp32: SentenceTransformer | None = None
         self._fp32_lock = threading.Lock()
         log.info("Loaded %s on %s (dim %d)", self.model_id, self.device, self.dim)
@@ -119,13 +122,16 @@ class TorchEncoder(Encoder):
             return self._forward(self.model, ids, normalize)
         # The calling thread (the batcher's) must work on this worker's device too.
         bind_device(self.device, self._cuda)
-        start = self._cuda.Event(enable_timing=True)
-        start.record()
-        out = self._forward(self.model, ids, normalize)
-        host = self._pinned(tuple(out.shape))
-        host.copy_(out, non_blocking=True)
-        end = self._cuda.Event(enable_timing=True)
-        end.record()
+        if self._stream is None:
+            self._stream = self._cuda.Stream()
+        with self._cuda.stream(self._stream):
+            start = self._cuda.Event(enable_timing=True)
+            start.record()
+            out = self._forward(self.model, ids, normalize)
+            host = self._pinned(tuple(out.shape))
+            host.copy_(out, non_blocking=True)
+            end = self._cuda.Event(enable_timing=True)
+            end.record()
         return CudaBatch(host, start, end)
 
     def fetch(self, handle: Any) -> np.ndarray:
