@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -137,3 +139,20 @@ def test_api_serves_concurrent_requests_through_the_shared_listener(celery_worke
     assert [r.status_code for r in responses] == [200] * len(texts)
     vectors = [r.json()["data"][0]["embedding"] for r in responses]
     assert all(len(v) == 384 for v in vectors) and len({tuple(v) for v in vectors}) == len(texts)
+
+
+def test_first_tokenizer_loads_from_many_threads_at_once_in_a_fresh_process():
+    # transformers' lazy imports race when several API threads import it first at once.
+    code = (
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from embedq.encode.models import load_tokenizer\n"
+        "from embedq.settings import DEFAULT_MODEL\n"
+        "with ThreadPoolExecutor(16) as pool:\n"
+        "    toks = list(pool.map(lambda _: load_tokenizer(DEFAULT_MODEL), range(16)))\n"
+        "assert len({id(t) for t in toks}) == 1\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

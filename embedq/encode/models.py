@@ -6,6 +6,7 @@ No torch here: producers (chunking, token counts) use this module too.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -102,9 +103,20 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-@lru_cache(maxsize=4)
+# transformers' lazy imports are not thread-safe: concurrent first imports from API
+# threads raised "cannot import name 'AutoTokenizer'".
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def load_tokenizer(name: str) -> Any:
-    """The fast tokenizer of model ``name``, from its local files only (cached per process)."""
+    """The fast tokenizer of model ``name``, from its local files only (cached per process;
+    safe to call from several threads at once)."""
+    with _TOKENIZER_LOCK:
+        return _load_tokenizer(name)
+
+
+@lru_cache(maxsize=4)
+def _load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path(name)), local_files_only=True)
