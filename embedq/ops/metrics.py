@@ -30,9 +30,9 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from embedq.keys import stats_key
 from embedq.ops.cost import cost_family, cost_report
-from embedq.ops.registry import read_heartbeats
+from embedq.ops.registry import read_depths, read_heartbeats
 from embedq.ops.slo import evaluate, read_usage
-from embedq.settings import QUEUES, Settings
+from embedq.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,13 @@ class RedisCollector(Collector):
         yield from _gpu_capacity()
 
     def _queues(self) -> Iterator[GaugeMetricFamily]:
-        depth = GaugeMetricFamily("embedq_queue_depth", "Tasks waiting per queue", labels=["queue"])
-        for queue in QUEUES:
-            depth.add_metric([queue], int(self.client.llen(queue)))
+        depth = GaugeMetricFamily(
+            "embedq_queue_depth",
+            "Tasks waiting per queue (its workers' own queues included)",
+            labels=["queue"],
+        )
+        for queue, count in read_depths(self.client, read_heartbeats(self.client)).items():
+            depth.add_metric([queue], count)
         yield depth
         info = self.client.info("memory")
         yield GaugeMetricFamily(

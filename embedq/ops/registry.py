@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from embedq.keys import HEARTBEAT_EXPIRY_KEY, HEARTBEATS_KEY, heartbeat_owner
+from embedq.settings import QUEUES
 
 NOW_LUA = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 
@@ -64,3 +65,19 @@ def read_expired_heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any
 def live_hostnames(client: redis.Redis) -> set[str]:
     """Hostnames of the workers whose heartbeat is current, on any queue."""
     return {beat["hostname"] for beats in read_heartbeats(client).values() for beat in beats}
+
+
+def read_depths(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Tasks waiting per queue, its workers' own queues included (one pipeline); each
+    worker with an own queue gets its backlog as ``own_queue_depth``."""
+    own = [b for beats in workers.values() for b in beats if b.get("direct_queue")]
+    pipe = client.pipeline(transaction=False)
+    for name in [*QUEUES, *(b["direct_queue"] for b in own)]:
+        pipe.llen(name)
+    counts = [int(n) for n in pipe.execute()]
+    depths = dict(zip(QUEUES, counts, strict=False))
+    for beat, count in zip(own, counts[len(QUEUES) :], strict=True):
+        beat["own_queue_depth"] = count
+    for queue, beats in workers.items():
+        depths[queue] = depths.get(queue, 0) + sum(b.get("own_queue_depth", 0) for b in beats)
+    return depths

@@ -12,6 +12,7 @@ from embedq.broker.client import FULL_SHARE, check_eviction_policy, read_memory
 from embedq.errors import StoreError
 from embedq.ops.cost import cost_report
 from embedq.ops.heartbeat import read_expired_heartbeats, read_heartbeats
+from embedq.ops.registry import read_depths
 from embedq.ops.slo import evaluate, read_usage
 from embedq.search.build import blob_name
 from embedq.settings import QUEUES, Settings
@@ -51,22 +52,6 @@ class Report:
 def read_workers(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
     """Live workers per queue, from their heartbeats."""
     return {q: [] for q in QUEUES} | read_heartbeats(client)
-
-
-def read_depths(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
-    """Tasks waiting per queue, its workers' own queues included (one pipeline); each
-    worker with an own queue gets its backlog as ``own_queue_depth``."""
-    own = [b for beats in workers.values() for b in beats if b.get("direct_queue")]
-    pipe = client.pipeline(transaction=False)
-    for name in [*QUEUES, *(b["direct_queue"] for b in own)]:
-        pipe.llen(name)
-    counts = [int(n) for n in pipe.execute()]
-    depths = dict(zip(QUEUES, counts, strict=False))
-    for beat, count in zip(own, counts[len(QUEUES) :], strict=True):
-        beat["own_queue_depth"] = count
-    for queue, beats in workers.items():
-        depths[queue] = depths.get(queue, 0) + sum(b.get("own_queue_depth", 0) for b in beats)
-    return depths
 
 
 def read_stranded(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
