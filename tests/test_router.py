@@ -253,3 +253,16 @@ def test_a_retry_from_a_workers_own_queue_goes_to_the_shared_queue():
     # That worker may be the one whose device failed: another one must get the retry.
     assert retried_from("gpu.gpu-0@host.example.com") == "gpu"
     assert retried_from("cpu") == "cpu"
+
+
+def test_a_model_s_tasks_are_spread_only_over_lanes_whose_worker_serves_it():
+    l3 = ({"name": "l3", "model_id": "minilm-l3@abc"},)
+    default = ({"name": "all-MiniLM-L6-v2", "model_id": "all-MiniLM-L6-v2@def"},)
+    chooser = router.Router()
+    lanes = (router.Lane(A, 100.0, 0, default), router.Lane(B, 100.0, 0, l3))
+    chooser._states = {"gpu": QueueState(2, 200.0, 0, lanes=lanes)}
+    chooser._read_at = time.monotonic() + 3600  # this state stays current
+    assert {chooser.lane("gpu", 1, "l3") for _ in range(6)} == {B}
+    assert {chooser.lane("gpu", 1, "minilm-l3@abc") for _ in range(4)} == {B}
+    assert {chooser.lane("gpu", 1) for _ in range(6)} == {A, B}
+    assert chooser.lane("gpu", 1, "e5-small") == "gpu", "no lane serves it: the shared queue"

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -58,6 +58,13 @@ class Lane:
     name: str
     texts_per_s: float
     depth: int
+    #: The models its worker serves (heartbeat entries); empty for the shared queue. Not
+    #: part of a lane's identity (equality, hash): it only filters.
+    models: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+
+    def serves(self, model: str | None) -> bool:
+        """Whether a task naming ``model`` may go here (the shared queue: any)."""
+        return model is None or not self.models or serves(self.models, model)
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,10 @@ def _queue_state(client: redis.Redis, queue: str, beats: list[dict[str, Any]]) -
     for name in names:
         pipe.llen(name)
     depths = dict(zip(names, (int(d) for d in pipe.execute()), strict=True))
-    lanes = [Lane(b["direct_queue"], _speed(b), depths[b["direct_queue"]]) for b in direct]
+    lanes = [
+        Lane(b["direct_queue"], _speed(b), depths[b["direct_queue"]], tuple(listed_models(b)))
+        for b in direct
+    ]
     if lanes and (plain := sum(_speed(b) for b in beats if not b.get("direct_queue"))):
         lanes.append(Lane(queue, plain, depths[queue]))
     speed = sum(_speed(b) for b in beats)
@@ -184,7 +194,7 @@ class Router:
         # Smooth round-robin scores per queue (one entry per lane of that queue).
         self._scores: dict[str, dict[str, float]] = {}
 
-    def choose(self, n_texts: int) -> str:
+    def choose(self, n_texts: int, model: str | None = None) -> str:
         """The queue (or a worker's direct queue) for a request of ``n_texts`` texts."""
         settings = get_settings()
         try:
@@ -196,18 +206,22 @@ class Router:
             log.warning("router could not read heartbeats: %s", exc)
             queue, reason, states = settings.default_queue, "router_error", {}
         count(queue, reason)
-        return self._spread(queue, states.get(queue), n_texts)
+        return self._spread(queue, states.get(queue), n_texts, model)
 
-    def lane(self, queue: str, n_texts: int) -> str:
+    def lane(self, queue: str, n_texts: int, model: str | None = None) -> str:
         """The lane of an explicitly chosen ``queue`` (itself when unknown or unreadable)."""
         try:
-            return self._spread(queue, self._current().get(queue), n_texts)
+            return self._spread(queue, self._current().get(queue), n_texts, model)
         except redis.RedisError:
             return queue
 
-    def _spread(self, queue: str, state: QueueState | None, n_texts: int) -> str:
-        """The lane of ``queue`` this task goes to (the queue itself when it has none)."""
-        weights = lane_weights(queue, state.lanes, n_texts) if state else {}
+    def _spread(
+        self, queue: str, state: QueueState | None, n_texts: int, model: str | None = None
+    ) -> str:
+        """The lane of ``queue`` this task goes to (the queue itself when it has none); only
+        lanes whose worker serves the task's ``model``."""
+        lanes = [lane for lane in state.lanes if lane.serves(model)] if state else []
+        weights = lane_weights(queue, lanes, n_texts)
         if not weights:
             return queue
         with self._lock:
@@ -300,7 +314,7 @@ def route_task(
         queue = getattr(explicit, "name", str(explicit))
         count(queue, "explicit")
         # The caller picked the queue; which of its workers' own queues is still weighed.
-        lane = router.lane(queue, n_texts)
+        lane = router.lane(queue, n_texts, task_model(name, args, kwargs))
         if lane == queue:
             return None
         # Celery merges the caller's options over the route: the lane must replace them.
@@ -312,5 +326,5 @@ def route_task(
     if allowed is not None and len(allowed) == 1:
         queue = next(iter(allowed))
         count(queue, "model")
-        return {"queue": router.lane(queue, n_texts)}
-    return {"queue": router.choose(n_texts)}
+        return {"queue": router.lane(queue, n_texts, model)}
+    return {"queue": router.choose(n_texts, model)}
