@@ -39,6 +39,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from embedq.settings import Settings  # noqa: E402
+from embedq.tools import procs  # noqa: E402
 from embedq.worker.leases import REDELIVERED_KEY  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -179,17 +180,6 @@ def wait_ready(log: Path, count: int, timeout_s: float = 900) -> None:
         time.sleep(1)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Warm shutdown, then SIGKILL after a minute."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def rows(db_url: str) -> tuple[int, int]:
     """Rows of the soak collection, and distinct ids among them."""
     engine = create_engine(db_url)
@@ -266,8 +256,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             figures = ingest_with_kill(args, env, workers, log, out)
         finally:
             peaks.stop()
-            for proc in workers:
-                stop(proc)
+            procs.stop(*workers)
             figures["worker_exit_codes"] = [proc.returncode for proc in workers]
     figures["broker"], figures["cache"] = redis_figures(broker_url), redis_figures(cache_url)
     for proc in (broker_proc, cache_proc):

@@ -23,6 +23,7 @@ from sqlalchemy import text
 from embedq.keys import content_hash
 from embedq.store.factory import create_store
 from embedq.tools import procs
+from embedq.worker.cache import Cache, CacheStats
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -334,3 +335,39 @@ def audit(db_url: str, collection: str, docs: list[dict[str, str]]) -> dict[str,
     }
     print(f"\nFIGURES {collection}: {json.dumps(figures)}")
     return figures
+
+
+class DictCache(Cache):
+    """A cache in a dict: the batcher's logic without Redis (pure-logic tests only)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.stats = CacheStats()
+
+    def get_many(self, keys):
+        return [self.data.get(k) for k in keys]
+
+    def set_many(self, items, pipeline=None):
+        self.data.update(items)
+
+
+def http_get(
+    url: str, *, key: str | None = None, auth: tuple[str, str] | None = None
+) -> tuple[int, str]:
+    """Status and body of a GET (errors included), with an API ``key`` as a Bearer token or
+    ``auth`` (user, password) as Basic authentication when given."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()

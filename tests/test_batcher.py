@@ -10,7 +10,8 @@ import pytest
 from embedq.encode.base import Tokenized
 from embedq.errors import EncoderError
 from embedq.worker.batcher import Batcher, encode_all, pack
-from embedq.worker.cache import Cache, CacheStats, pack_vector, unpack_vector
+from embedq.worker.cache import pack_vector, unpack_vector
+from tests.helpers import DictCache
 
 
 def test_pack_puts_every_position_in_exactly_one_batch():
@@ -141,18 +142,6 @@ def test_on_batch_reports_padded_cost():
     tok = Tokenized([[1] * 4, [2] * 2, [3] * 1], np.zeros(3, dtype=bool))
     encode_all(FakeEncoder(), tok, True, 100, 10, on_batch=lambda n, p, _t, _s: seen.append((n, p)))
     assert seen == [(3, 12)]
-
-
-class DictCache(Cache):
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.stats = CacheStats()
-
-    def get_many(self, keys):
-        return [self.data.get(k) for k in keys]
-
-    def set_many(self, items, pipeline=None):
-        self.data.update(items)
 
 
 def test_cache_value_round_trips_with_truncation_flag():

@@ -36,8 +36,7 @@ from embedq.ops import metrics
 from embedq.settings import Settings
 from embedq.worker import stop
 from embedq.worker.batcher import Batcher, encode_all
-from embedq.worker.cache import Cache, CacheStats
-from tests.helpers import load_pydoc
+from tests.helpers import DictCache, load_pydoc
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GIB = 2**30
@@ -48,20 +47,6 @@ ILLEGAL = "CUDA error: an illegal memory access was encountered"
 # min cosine to fp32 was 0.99992, but GPU kernels keep more intermediates in bf16, so the
 # bound is looser; it must be confirmed on a GPU (bench/gpu_run.py runs this file there).
 COSINE_BOUND = {"float16": 0.999, "bfloat16": 0.998}
-
-
-class DictCache(Cache):
-    """A cache in a dict: the batcher's logic without Redis."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.stats = CacheStats()
-
-    def get_many(self, keys):
-        return [self.data.get(k) for k in keys]
-
-    def set_many(self, items, pipeline=None):
-        self.data.update(items)
 
 
 class FakeCuda:

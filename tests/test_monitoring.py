@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, free_port, process, unique_texts, wait_until
+from tests.helpers import ROOT, free_port, http_get, process, unique_texts, wait_until
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -40,18 +40,6 @@ SUFFIXES = {
     "histogram": ("_bucket", "_sum", "_count", "_created"),
     "summary": ("", "_sum", "_count", "_created"),
 }
-
-
-def http_get(url: str, key: str | None = None) -> tuple[int, str]:
-    """Status and body of a GET, with the API key as a Bearer token when given."""
-    request = urllib.request.Request(url)
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def metric_names(expr: str) -> set[str]:
@@ -276,7 +264,7 @@ def test_prometheus_scrapes_a_worker_and_the_api(scraped, celery_worker):
 @pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
 def test_every_dashboard_query_names_exported_metrics_and_runs(scraped):
     exported = exported_names(http_get(f"http://{scraped['worker']}/metrics")[1])
-    code, body = http_get(f"http://{scraped['api']}/metrics", scraped["key"])
+    code, body = http_get(f"http://{scraped['api']}/metrics", key=scraped["key"])
     assert code == 200, body
     exported |= exported_names(body)
     base = scraped["base"]

@@ -20,23 +20,18 @@ from embedq.cli import cli
 from embedq.ops.status import Report, alerts, build_report, render
 from embedq.settings import get_settings
 from embedq.store.factory import create_store
-from tests.helpers import BIN, ROOT, free_port, process, unique_texts, wait_until, worker
+from tests.helpers import (
+    BIN,
+    ROOT,
+    free_port,
+    http_get,
+    process,
+    unique_texts,
+    wait_until,
+    worker,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url)
-    if auth:
-        import base64
-
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_status_report_counts_what_happened(runtime, redis_client):
@@ -160,7 +155,7 @@ def test_flower_in_a_real_browser(celery_worker, tmp_path):
         secret = "private document text " + uuid.uuid4().hex
         task_id = embed_texts.delay([secret]).id
         wait_until(
-            lambda: task_id in http_get(f"{base}/api/tasks", ("ops", password))[1],
+            lambda: task_id in http_get(f"{base}/api/tasks", auth=("ops", password))[1],
             30,
             0.5,
             "the task in Flower",
@@ -178,7 +173,7 @@ def test_flower_in_a_real_browser(celery_worker, tmp_path):
 
 
 def _has_worker(base: str, password: str) -> bool:
-    code, body = http_get(f"{base}/api/workers?refresh=1", ("ops", password))
+    code, body = http_get(f"{base}/api/workers?refresh=1", auth=("ops", password))
     return code == 200 and len(json.loads(body)) > 0
 
 
@@ -211,7 +206,9 @@ def test_procfile_processes_serve_an_embedding(tmp_path, side_redis):
         def flower_saw_a_task() -> bool:
             # Flower switches task events on in the worker a moment after it starts.
             _post_embed(api, key)
-            return "embedq.embed_texts" in http_get(f"{flower}/api/tasks", ("ops", password))[1]
+            return (
+                "embedq.embed_texts" in http_get(f"{flower}/api/tasks", auth=("ops", password))[1]
+            )
 
         seen = wait_until(flower_saw_a_task, 60, 0.5, "Flower to see a task", (OSError,))
         log = wait_until(

@@ -28,6 +28,7 @@ from embedq.app import broker_transport_options
 from embedq.broker.landing import queue_of, register, restore_expired
 from embedq.keys import DELIVERY_PREFIX, LANDING_PREFIX, landing_key
 from embedq.store.factory import create_store
+from embedq.tools import procs
 from embedq.worker.leases import REDELIVERED_KEY, TaskLeases, held_tags, index_key, renew
 from tests.helpers import audit, corpus, free_port, private_redis
 
@@ -76,12 +77,7 @@ def logged_worker(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[su
         try:
             yield proc
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            procs.stop(proc)
 
 
 def wait_rows(store, collection: str, at_least: int, ingest, timeout_s: float = 240) -> int:

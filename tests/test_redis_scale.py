@@ -37,6 +37,7 @@ from embedq.ops.heartbeat import (
 from embedq.ops.status import build_report, memory_alerts
 from embedq.producer.bulk import IngestSummary
 from embedq.producer.progress import ingest_progress
+from embedq.tools import procs
 from embedq.worker.cache import RedisCache
 from tests import helpers
 from tests.helpers import ROOT, private_redis
@@ -311,15 +312,6 @@ def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=handle, stderr=handle)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _env(tmp_path: Path, url: str) -> dict[str, str]:
     return helpers.env(
         EMBEDQ_REDIS_URL=url,
@@ -371,7 +363,7 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
             alive = worker.poll() is None
         finally:
             ingest.kill()
-            _stop(worker)
+            procs.stop(worker)
     text = log.read_text()
     summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     figures = helpers.audit(env["EMBEDQ_DATABASE_URL"], "scale", docs)
@@ -423,7 +415,7 @@ def test_ingest_of_15000_documents_through_a_24mb_redis(tmp_path):
             cached = sum(1 for _ in client.scan_iter("embedq:vec:*", count=5000))
         finally:
             ingest.kill()
-            _stop(worker)
+            procs.stop(worker)
     text = log.read_text()
     figures = helpers.audit(env["EMBEDQ_DATABASE_URL"], "scale", docs)
     peak = round(int(memory["used_memory_peak"]) / 2**20, 1)
