@@ -108,14 +108,17 @@ class Searcher:
         check_k(k)
         parse_collection(collection)
         query = normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))
-        if where:
-            hits = self._exact(query, collection, k, parents, where, EXACT_FILTER_LIMIT)
-            if hits is not None:
-                return hits
+        # A narrow filter is searched exactly; counting its keys reads no vector.
+        if where and len(self._filtered(collection, where)) <= EXACT_FILTER_LIMIT:
+            return self._exact(query, collection, k, parents, where)
         hits = self._approximate(query, collection, k, parents, where)
         if hits is not None:
             return hits
-        return self._exact(query, collection, k, parents, where, None) or []
+        return self._exact(query, collection, k, parents, where)
+
+    def _filtered(self, collection: str, where: dict[str, Any]) -> np.ndarray:
+        """Keys matching ``where``, at most one past ``EXACT_FILTER_LIMIT``."""
+        return self.store.filter_pks(collection, where, limit=EXACT_FILTER_LIMIT + 1)
 
     def _approximate(
         self,
@@ -135,7 +138,7 @@ class Searcher:
         while True:
             candidates, exhausted = self._candidates(query, loaded, delta, fetch)
             if where:
-                candidates = self._matching(collection, query.shape[1], candidates, where)
+                candidates = self._matching(collection, candidates, where)
             hits = self._hits(collection, candidates, k, parents)
             if len(hits) >= k or exhausted:
                 return hits
@@ -198,12 +201,10 @@ class Searcher:
             return delta.arrays()
 
     def _matching(
-        self, collection: str, dim: int, candidates: dict[int, float], where: dict[str, Any]
+        self, collection: str, candidates: dict[int, float], where: dict[str, Any]
     ) -> dict[int, float]:
         """The candidates that match ``where``, as the database evaluates it."""
-        keep: set[int] = set()
-        for pks, _ in self.store.vectors(collection, dim, where, among=list(candidates)):
-            keep.update(pks.tolist())
+        keep = set(self.store.filter_pks(collection, where, among=list(candidates)).tolist())
         return {p: s for p, s in candidates.items() if p in keep}
 
     def _hits(self, collection: str, scores: dict[int, float], k: int, parents: bool) -> list[Hit]:
@@ -225,14 +226,11 @@ class Searcher:
         k: int,
         parents: bool,
         where: dict[str, Any] | None,
-        limit: int | None,
-    ) -> list[Hit] | None:
-        """Exact search over the store; None if more than ``limit`` rows match."""
+    ) -> list[Hit]:
+        """Exact search over the store (the rows matching ``where``)."""
         keep = k if not parents else k * 10 + 16
         while True:
-            ranked = self._scan(query, collection, where, keep, limit)
-            if ranked is None:
-                return None
+            ranked = self._scan(query, collection, where, keep)
             hits = self._hits(collection, ranked, k, parents)
             if len(hits) >= k or len(ranked) < keep:
                 return hits
@@ -244,16 +242,11 @@ class Searcher:
         collection: str,
         where: dict[str, Any] | None,
         keep: int,
-        limit: int | None,
-    ) -> dict[int, float] | None:
-        """The ``keep`` best (row key, score) of a streamed scan; None past ``limit`` rows."""
+    ) -> dict[int, float]:
+        """The ``keep`` best (row key, score) of a streamed scan."""
         best_pks, best = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        seen = 0
         with contextlib.closing(self.store.vectors(collection, query.shape[1], where)) as pages:
             for pks, vectors in pages:
-                seen += len(pks)
-                if limit is not None and seen > limit:
-                    return None
                 best_pks = np.concatenate([best_pks, pks])
                 best = np.concatenate([best, normalize(vectors) @ query[0]])
                 if len(best) > keep:

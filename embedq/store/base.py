@@ -137,8 +137,15 @@ class ItemStore(ABC):
         """(row keys, updated_at in microseconds) of rows updated after ``since``."""
 
     @abstractmethod
-    def filter_pks(self, collection: str, where: dict[str, Any]) -> np.ndarray:
-        """Row keys whose metadata equals every key/value of ``where``."""
+    def filter_pks(
+        self,
+        collection: str,
+        where: dict[str, Any],
+        among: Sequence[int] | None = None,
+        limit: int | None = None,
+    ) -> np.ndarray:
+        """Row keys whose metadata equals every key/value of ``where`` (only those among
+        ``among``, if given; at most ``limit``); no vector is read."""
 
     @abstractmethod
     def vectors(

@@ -414,13 +414,31 @@ class SQLStore(Store):
         return pks, np.fromiter((micros(r[1]) for r in rows), dtype=np.int64, count=len(rows))
 
     @_store_errors("filter by metadata")
-    def filter_pks(self, collection: str, where: dict[str, Any]) -> np.ndarray:
-        """Row keys whose metadata has each key equal to the given value (JSON equality)."""
+    def filter_pks(
+        self,
+        collection: str,
+        where: dict[str, Any],
+        among: Sequence[int] | None = None,
+        limit: int | None = None,
+    ) -> np.ndarray:
+        """Row keys whose metadata has each key equal to the given value (JSON equality),
+        among the keys ``among`` if given (IN lists of at most ``ROWS_PER_STATEMENT``), at
+        most ``limit`` of them; no vector is read."""
         query = select(ItemRow.pk).where(ItemRow.collection == collection)
         for key, value in where.items():
             query = query.where(self._json_equals(key, value))
         with self.engine.connect() as conn:
-            return np.fromiter(conn.execute(query).scalars(), dtype=np.int64)
+            if among is None:
+                found = conn.execute(query.limit(limit)).scalars()
+                return np.fromiter(found, dtype=np.int64)
+            keys = [int(p) for p in among]
+            pages = [
+                conn.execute(query.where(ItemRow.pk.in_(keys[i : i + ROWS_PER_STATEMENT])))
+                .scalars()
+                .all()
+                for i in range(0, len(keys), ROWS_PER_STATEMENT)
+            ]
+        return np.array([p for page in pages for p in page][:limit], dtype=np.int64)
 
     def _json_equals(self, key: str, value: Any) -> Any:
         column = ItemRow.__table__.c.metadata
