@@ -134,7 +134,8 @@ def int8_scale(vectors: np.ndarray, quantile: float = INT8_QUANTILE) -> float:
     values = np.abs(np.asarray(vectors, dtype=np.float32)).ravel()
     if not values.size:
         return 1.0 / 127
-    top = float(np.quantile(values, quantile)) if values.size > 1 else float(values[0])
+    # The 1.0 quantile is the maximum: no sort (a cached value's own scale, once per text).
+    top = float(values.max() if quantile >= 1.0 else np.quantile(values, quantile))
     return top / 127 if top > 0 else 1.0 / 127
 
 
@@ -161,7 +162,8 @@ def decode_vector(blob: bytes, as_stored: bool = False) -> np.ndarray:
         return half if as_stored else half.astype(np.float32)
     if kind == "int8":
         codes = np.frombuffer(blob, dtype=np.int8, offset=_INT8_HEAD)
-        return codes if as_stored else codes.astype(np.float32) * vector_scale(blob)
+        step = np.frombuffer(blob, dtype=np.float32, count=1, offset=_TAG_BYTES)[0]
+        return codes if as_stored else codes.astype(np.float32) * step
     return np.frombuffer(blob, dtype=np.float32)
 
 
@@ -174,12 +176,10 @@ def vector_scale(blob: bytes) -> float:
 
 def decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     """Rows of float32 vectors, one per blob; rows that share a layout decode at once."""
-    out = np.empty((len(blobs), dim), dtype=np.float32)
-    if not blobs:
-        return out
     # Past 4 dimensions the three layouts differ in length: one length means one dtype.
-    if dim > 4 and len({len(b) for b in blobs}) == 1:
+    if blobs and dim > 4 and len({len(b) for b in blobs}) == 1:
         return _decode_uniform(b"".join(blobs), len(blobs), vector_dtype(blobs[0]), dim)
+    out = np.empty((len(blobs), dim), dtype=np.float32)
     for i, blob in enumerate(blobs):
         out[i] = decode_vector(blob)
     return out

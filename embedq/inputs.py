@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +38,12 @@ class EmbedRequest:
     version: int | None = None
 
 
-def task_items(args: Any, kwargs: Any) -> list[Any] | None:
+def task_items(args: Any, kwargs: Any) -> Sequence[Any] | None:
     """The texts (or documents) of an ``embed_texts`` / ``ingest_documents`` call, found in
     its Celery args by name or as the first list; None when there is none."""
     named = [v for k, v in (kwargs or {}).items() if k in ("texts", "documents")]
     found = named or [a for a in (*(args or ()), *(kwargs or {}).values())]
-    return next((list(a) for a in found if isinstance(a, list | tuple)), None)
+    return next((a for a in found if isinstance(a, list | tuple)), None)
 
 
 def _text(i: int, item: Any) -> str:

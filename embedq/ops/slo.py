@@ -52,10 +52,6 @@ class Usage:
     minutes: int = 0
 
 
-def _writer(client: redis.Redis, pipeline: Pipeline | None) -> Pipeline:
-    return pipeline if pipeline is not None else client.pipeline(transaction=False)
-
-
 def request_counts(
     texts: int, failed: bool, seconds: float, latency_target_s: float
 ) -> dict[str, int]:
@@ -64,41 +60,6 @@ def request_counts(
     if texts <= INTERACTIVE_TEXTS:
         counts |= {"interactive": 1, "slow": int(seconds > latency_target_s)}
     return counts
-
-
-def record_request(
-    client: redis.Redis,
-    *,
-    texts: int,
-    failed: bool,
-    seconds: float,
-    latency_target_s: float,
-    ttl_s: int,
-    pipeline: Pipeline | None = None,
-) -> None:
-    """Count one finished task (``failed``: for a reason other than the caller's input)."""
-    key = slo_key(minute())
-    counts = request_counts(texts, failed, seconds, latency_target_s)
-    pipe = _writer(client, pipeline)
-    for field, value in counts.items():
-        if value:
-            pipe.hincrby(key, field, value)
-    pipe.expire(key, ttl_s)
-    if pipeline is None:
-        pipe.execute()
-
-
-def record_cache(
-    client: redis.Redis, hits: int, misses: int, ttl_s: int, pipeline: Pipeline | None = None
-) -> None:
-    """Count cache answers of one batch group."""
-    key = slo_key(minute())
-    pipe = _writer(client, pipeline)
-    pipe.hincrby(key, "cache_hits", hits)
-    pipe.hincrby(key, "cache_misses", misses)
-    pipe.expire(key, ttl_s)
-    if pipeline is None:
-        pipe.execute()
 
 
 class Tally:
@@ -122,11 +83,11 @@ class Tally:
         self.dirty.set()
 
     def add_request(self, texts: int, failed: bool, seconds: float, target_s: float) -> None:
-        """Count one finished task (see :func:`record_request`)."""
+        """Count one finished task (see :func:`request_counts`)."""
         self.add(request_counts(texts, failed, seconds, target_s))
 
     def add_cache(self, hits: int, misses: int) -> None:
-        """Count cache answers (see :func:`record_cache`)."""
+        """Count cache answers (hits and misses of one batch group)."""
         self.add({"cache_hits": hits, "cache_misses": misses})
 
     def pending(self) -> dict[int, dict[str, int]]:

@@ -258,6 +258,8 @@ class SQLStore(Store):
 
     def _packers(self, items: Sequence[Item]) -> dict[str, Callable[[np.ndarray], bytes]]:
         """Each collection's vector encoder (int8: with the collection's scale)."""
+        if self.format.dtype != "int8":  # only int8 looks at the batch (to calibrate)
+            return {c: self.format.packer(c, None) for c in {i.collection for i in items}}
         batches: dict[str, list[np.ndarray]] = {}
         for item in items:
             batches.setdefault(item.collection, []).append(item.vector)

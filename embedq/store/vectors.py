@@ -45,9 +45,10 @@ class VectorFormat:
         self._scales: TTLCache[str, float] = TTLCache(maxsize=SCALES_KEPT, ttl=SCALE_TTL_S)
         self._lock = threading.Lock()
 
-    def packer(self, collection: str, vectors: np.ndarray) -> Callable[[np.ndarray], bytes]:
-        """Encodes vectors of ``collection`` (``vectors``: the batch about to be written)."""
-        scale = self.scale(collection, vectors) if self.dtype == "int8" else None
+    def packer(self, collection: str, vectors: np.ndarray | None) -> Callable[[np.ndarray], bytes]:
+        """Encodes vectors of ``collection`` (``vectors``: the batch about to be written,
+        needed by int8 only)."""
+        scale = self.scale(collection, vectors) if vectors is not None else None
         return partial(encode_vector, dtype=self.dtype, scale=scale)
 
     def scale(self, collection: str, batch: np.ndarray) -> float:

@@ -127,8 +127,7 @@ class RedisCache(Cache):
         """Fill the LRU and Redis (SET with TTL for each key, pipelined), room permitting."""
         if not items:
             return
-        with self._lock:
-            self.lru.update(items)
+        self.warm(items)
         if self._paused() or not self._has_room(len(items)):
             return
         pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)

@@ -249,11 +249,6 @@ def _subset(request: EmbedRequest, keep: list[int]) -> EmbedRequest:
     )
 
 
-def slo_ttl_s(settings: Settings) -> int:
-    """How long SLO counters stay in Redis: the window, plus an hour."""
-    return settings.slo_window_s + 3600
-
-
 _lock = threading.Lock()
 _runtime: Runtime | None = None
 
