@@ -35,7 +35,7 @@ from embedq.broker.client import (
     shared_client,
     wait_while_full,
 )
-from embedq.broker.results import ResultListener, get_and_forget
+from embedq.broker.results import ResultListener
 from embedq.broker.url import redis_url
 from embedq.encode.models import load_tokenizer
 from embedq.errors import (
@@ -263,14 +263,6 @@ class Service:
             if is_redis_full(exc):
                 raise ApiError(503, f"{describe(exc)}: try again later", "RedisFull") from exc
             raise
-
-    def embed(self, texts: list[str], model: str | None, normalize: bool, queue: str | None):
-        """Vectors through Celery, waiting at most ``api_timeout_s`` (blocking)."""
-        result = self.send(texts, model, normalize, queue)
-        try:
-            return get_and_forget(result, self.settings.api_timeout_s)
-        except CeleryTimeout as exc:
-            raise self._timeout() from exc
 
     async def embed_async(
         self, texts: list[str], model: str | None, normalize: bool, queue: str | None

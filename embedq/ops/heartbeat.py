@@ -150,7 +150,7 @@ class Heartbeat:
             **({"direct_queue": direct} if direct else {}),
             # Every model this worker serves (the router sends a model's tasks only here);
             # a worker with several passes them in ``live``.
-            "models": [encoder.describe()],
+            "models": [{"name": encoder.name, "model_id": encoder.model_id, "dim": encoder.dim}],
             **(extra or {}),
         }
         # Tokens and model seconds so far, for the price per token (cost.py).

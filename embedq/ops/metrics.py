@@ -98,27 +98,34 @@ class RedisCollector(Collector):
         self.client = client
         self.settings = settings
 
+    #: Whether a scrape also reports cost and this host's GPUs (workers: yes; the API: no).
+    full = True
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """One scrape's worth of cluster-wide gauges (skipped if Redis does not answer)."""
         try:
-            yield from self._queues()
+            beats = read_heartbeats(self.client)
+            yield from self._queues(beats)
             yield from self._router()
             yield from self._slos()
-            yield cost_family(cost_report(read_heartbeats(self.client)))
+            if self.full:
+                yield cost_family(cost_report(beats))
         except redis.RedisError as exc:
             log.warning("metrics: Redis did not answer: %s", exc)
-        yield from _gpu_memory()
-        yield from _gpu_capacity()
+        if self.full:
+            yield from _gpu_memory()
+            yield from _gpu_capacity()
 
-    def _queues(self) -> Iterator[GaugeMetricFamily]:
+    def _queues(self, beats: dict[str, list[dict[str, Any]]]) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "embedq_queue_depth",
             "Tasks waiting per queue (its workers' own queues included)",
             labels=["queue"],
         )
-        for queue, count in read_depths(self.client, read_heartbeats(self.client)).items():
+        for queue, count in read_depths(self.client, beats).items():
             depth.add_metric([queue], count)
         yield depth
+        # INFO directly: broker.client imports this module (read_memory would be a circle).
         info = self.client.info("memory")
         yield GaugeMetricFamily(
             "embedq_redis_used_bytes", "Memory the broker's Redis uses", int(info["used_memory"])
@@ -221,14 +228,7 @@ API_ROUTES = ("/embed", "/v1/embeddings", "/search", "/health", "/metadata", "/m
 class ClusterCollector(RedisCollector):
     """The Redis-held gauges only (queue depth, router, SLOs): for processes without a GPU."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        """One scrape's worth of cluster-wide gauges (skipped if Redis does not answer)."""
-        try:
-            yield from self._queues()
-            yield from self._router()
-            yield from self._slos()
-        except redis.RedisError as exc:
-            log.warning("metrics: Redis did not answer: %s", exc)
+    full = False
 
 
 class ApiMetrics:

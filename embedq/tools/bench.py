@@ -37,6 +37,7 @@ import numpy as np
 from embedq.broker.client import connect
 from embedq.broker.results import get_result
 from embedq.errors import ConfigurationError
+from embedq.tools.interactive import percentiles_ms
 from embedq.tools.procs import worker
 
 DATASETS = ("sick", "pydoc", "mixed")
@@ -78,14 +79,6 @@ def median_time(
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    """p50 and p99 of ``seconds``, in milliseconds."""
-    return {
-        "p50_ms": round(float(np.percentile(seconds, 50)) * 1000, 2),
-        "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 2),
-    }
 
 
 # A GPU user sets a large batch: raw encode on cuda is measured at the fastest of these.

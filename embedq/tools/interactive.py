@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from embedq.broker.results import get_result
+from embedq.broker.results import get_and_forget
 from embedq.tools.procs import start, stop
 
 API_READY_TIMEOUT_S = 60.0
@@ -101,8 +101,15 @@ def _figures(seconds: list[float], wall: float, callers: int) -> dict[str, float
         "callers": callers,
         "tasks": len(seconds),
         "tasks_per_s": round(len(seconds) / wall, 1),
-        "p50_ms": round(float(np.percentile(seconds, 50)) * 1000, 1),
-        "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 1),
+        **percentiles_ms(seconds),
+    }
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50 and p99 of ``seconds``, in milliseconds."""
+    return {
+        "p50_ms": round(float(np.percentile(seconds, 50)) * 1000, 2),
+        "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 2),
     }
 
 
@@ -111,10 +118,7 @@ def celery_sender(queue: str) -> Callable[[str], object]:
     from embedq.tasks import embed_texts
 
     def send(text: str) -> object:
-        result = embed_texts.apply_async(([text],), queue=queue)
-        vectors = get_result(result, REQUEST_TIMEOUT_S)
-        result.forget()
-        return vectors
+        return get_and_forget(embed_texts.apply_async(([text],), queue=queue), REQUEST_TIMEOUT_S)
 
     return send
 

@@ -183,12 +183,14 @@ class RedisCache(Cache):
 
     def _failed(self, op: str, exc: redis.RedisError) -> None:
         self.stats.errors += 1
+        what = "lookup failed, encoding instead" if op == "read" else "fill failed"
+        self.failed(op, exc, f"cache {what} (a miss, not an error)")
+
+    def failed(self, op: str, exc: redis.RedisError, what: str) -> None:
+        """A Redis error on ``op``: counted, Redis left alone a while, logged (throttled)."""
         metrics.CACHE_ERRORS.labels(op).inc()
         self.pause()
-        what = "lookup failed, encoding instead" if op == "read" else "fill failed"
-        throttled_warning(
-            log, f"cache-{op}", "cache %s (a miss, not an error): %s", what, describe(exc)
-        )
+        throttled_warning(log, f"cache-{op}", "%s: %s", what, describe(exc))
 
     def _mget(self, keys: list[str]) -> list[bytes | None]:
         if self._paused():

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from embedq.broker.client import describe, throttled_warning
 from embedq.keys import vector_lease_key
-from embedq.ops import metrics
 from embedq.worker.cache import RedisCache
 
 log = logging.getLogger(__name__)
@@ -145,8 +143,4 @@ class Flight:
 
     def _failed(self, op: str, exc: redis.RedisError) -> None:
         self.stats.errors += 1
-        metrics.CACHE_ERRORS.labels(op).inc()
-        self.cache.pause()
-        throttled_warning(
-            log, f"flight-{op}", "single flight %s failed (encoding here): %s", op, describe(exc)
-        )
+        self.cache.failed(op, exc, f"single flight {op} failed (encoding here)")
