@@ -60,12 +60,12 @@ def two_models(celery_worker: Any, second_model_dir: Path) -> Iterator[Any]:
     runtime_module._runtime = swapped
     for beat in signals._heartbeats:
         beat.beat()
-    router.model_filter._read_at = -router.CACHE_S
+    router.router._read_at = -router.CACHE_S
     yield swapped
     runtime_module._runtime = original
     for beat in signals._heartbeats:
         beat.beat()
-    router.model_filter._read_at = -router.CACHE_S
+    router.router._read_at = -router.CACHE_S
     swapped.close()
 
 

@@ -178,10 +178,13 @@ def _queue_state(client: redis.Redis, queue: str, beats: list[dict[str, Any]]) -
     return QueueState(len(beats), speed, sum(depths.values()), _price(beats), tuple(lanes))
 
 
-def read_states(client: redis.Redis) -> dict[str, QueueState]:
-    """Live workers per queue (from heartbeats), their summed speed and price, queue depth
-    (its direct queues included) and its lanes."""
-    return {q: _queue_state(client, q, beats) for q, beats in read_heartbeats(client).items()}
+def read_states(
+    client: redis.Redis, heartbeats: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, QueueState]:
+    """Live workers per queue (from ``heartbeats``, read here if not given), their summed
+    speed and price, queue depth (its direct queues included) and its lanes."""
+    found = read_heartbeats(client) if heartbeats is None else heartbeats
+    return {q: _queue_state(client, q, beats) for q, beats in found.items()}
 
 
 class Router:
@@ -190,6 +193,7 @@ class Router:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._states: dict[str, QueueState] = {}
+        self._beats: dict[str, list[dict[str, Any]]] = {}
         self._read_at = -CACHE_S
         # Smooth round-robin scores per queue (one entry per lane of that queue).
         self._scores: dict[str, dict[str, float]] = {}
@@ -228,11 +232,21 @@ class Router:
             return smooth_pick(weights, self._scores.setdefault(queue, {}))
 
     def _current(self) -> dict[str, QueueState]:
+        return self._refresh()[0]
+
+    def heartbeats(self) -> dict[str, list[dict[str, Any]]]:
+        """Live workers per queue, as last read (at most once a second, shared with the
+        queue states: one registry read serves routing and the model filter)."""
+        return self._refresh()[1]
+
+    def _refresh(self) -> tuple[dict[str, QueueState], dict[str, list[dict[str, Any]]]]:
         with self._lock:
             if time.monotonic() - self._read_at >= CACHE_S:
-                self._states = read_states(shared_client())
+                client = shared_client()
+                self._beats = read_heartbeats(client)
+                self._states = read_states(client, self._beats)
                 self._read_at = time.monotonic()
-            return self._states
+            return self._states, self._beats
 
 
 def count(queue: str, reason: str) -> None:
@@ -271,22 +285,16 @@ def serving_queues(beats: dict[str, list[dict[str, Any]]], model: str) -> set[st
 
 
 class ModelFilter:
-    """Which queues serve a model, from heartbeats read at most once a second."""
+    """Which queues serve a model, from the router's heartbeats (read at most once a second)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._beats: dict[str, list[dict[str, Any]]] = {}
-        self._read_at = -CACHE_S
+    def __init__(self, source: Router) -> None:
+        self.source = source
 
     def queues(self, model: str) -> set[str] | None:
         """Queues whose live workers serve ``model``; ``None`` when no worker is alive (the
         task then waits in its queue as any other) or heartbeats cannot be read."""
         try:
-            with self._lock:
-                if time.monotonic() - self._read_at >= CACHE_S:
-                    self._beats = read_heartbeats(shared_client())
-                    self._read_at = time.monotonic()
-                beats = self._beats
+            beats = self.source.heartbeats()
         except redis.RedisError:
             return None
         if not any(beats.values()):
@@ -300,7 +308,7 @@ class ModelFilter:
         return found
 
 
-model_filter = ModelFilter()
+model_filter = ModelFilter(router)
 
 
 def route_task(
