@@ -202,3 +202,11 @@ def second_model_dir() -> Path:
         bert.config.num_hidden_layers = 3
         model.save(str(folder))
     return folder
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database of each kind: a SQLite file, or a Postgres database of its own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'items.db'}"
+    return request.getfixturevalue("own_postgres")

@@ -17,10 +17,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 from sqlalchemy import text
 
 from embedq.keys import content_hash
+from embedq.store.base import Item
 from embedq.store.factory import create_store
 from embedq.tools import procs
 from embedq.worker.cache import Cache, CacheStats
@@ -371,3 +373,27 @@ def http_get(
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def clustered(n: int, seed: int, dim: int, clusters: int) -> np.ndarray:
+    """``n`` vectors around ``clusters`` centres, like real embeddings (not uniform noise)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim))
+    picks = rng.integers(0, clusters, n)
+    return (centers[picks] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def items_of(collection: str, vectors: np.ndarray, prefix: str = "id") -> list[Item]:
+    """One stored item per vector: ids ``<prefix>-<i>``, metadata ``{"group": i % 3}``."""
+    return [
+        Item(
+            collection,
+            f"{prefix}-{i}",
+            f"{collection} text {i}",
+            v,
+            "m@1",
+            f"h{i}",
+            {"group": i % 3},
+        )
+        for i, v in enumerate(vectors)
+    ]

@@ -106,13 +106,6 @@ def _items(collection: str, vectors: np.ndarray, start: int = 0) -> list[Item]:
     ]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'items.db'}"
-    return request.getfixturevalue("own_postgres")
-
-
 def test_a_store_switched_to_int8_reads_its_float32_rows_and_recalibrates_on_rebuild(
     db_url, tmp_path, redis_client
 ):

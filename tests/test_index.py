@@ -19,22 +19,13 @@ from embedq.search.searcher import Searcher
 from embedq.settings import Settings
 from embedq.store.base import Item
 from embedq.store.factory import create_store
+from tests.helpers import clustered, items_of
 
 DIM = 32
 
 
 def _clustered(n: int, seed: int) -> np.ndarray:
-    """Vectors in 50 clusters, like real embeddings (not uniform noise)."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(50, DIM))
-    return (centers[rng.integers(0, 50, n)] + 0.3 * rng.normal(size=(n, DIM))).astype(np.float32)
-
-
-def _items(collection: str, vectors: np.ndarray, prefix: str = "id") -> list[Item]:
-    return [
-        Item(collection, f"{prefix}-{i}", f"text {i}", v, "m@1", f"h{i}", {"group": i % 3})
-        for i, v in enumerate(vectors)
-    ]
+    return clustered(n, seed, DIM, clusters=50)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -96,7 +87,7 @@ def test_exact_top_k_orders_by_cosine():
 def test_build_publish_and_load_on_another_host(store, tmp_path):
     collection = f"c-{uuid.uuid4().hex[:8]}"
     vectors = _clustered(2000, 1)
-    store.upsert(_items(collection, vectors))
+    store.upsert(items_of(collection, vectors))
     version, meta = build_index(store, collection, tmp_path / "builder")
     assert meta["count"] == 2000 and meta["recall_at_10"] >= 0.98
     # A host that never built anything fetches the published version from the store.
@@ -110,11 +101,11 @@ def test_build_publish_and_load_on_another_host(store, tmp_path):
 def test_new_updated_and_deleted_items_are_fresh_before_a_rebuild(store, tmp_path):
     collection = f"c-{uuid.uuid4().hex[:8]}"
     vectors = _clustered(1000, 2)
-    store.upsert(_items(collection, vectors))
+    store.upsert(items_of(collection, vectors))
     build_index(store, collection, tmp_path / "b")
     searcher = _searcher(store, tmp_path)
     new = _clustered(1, 99)[0]
-    store.upsert(_items(collection, np.array([new]), prefix="new"))
+    store.upsert(items_of(collection, np.array([new]), prefix="new"))
     assert searcher.search(new, collection, k=1)[0].id == "new-0"
     moved = -vectors[7]
     store.upsert([Item(collection, "id-7", "moved", moved, "m@1", "h")])
@@ -127,14 +118,14 @@ def test_new_updated_and_deleted_items_are_fresh_before_a_rebuild(store, tmp_pat
 def test_where_filter_and_parents(store, tmp_path):
     collection = f"c-{uuid.uuid4().hex[:8]}"
     vectors = _clustered(300, 3)
-    store.upsert(_items(collection, vectors))
+    store.upsert(items_of(collection, vectors))
     hits = _searcher(store, tmp_path).search(vectors[0], collection, k=5, where={"group": 1})
     assert len(hits) == 5 and all(h.metadata["group"] == 1 for h in hits)
 
 
 def test_rebuild_skips_unchanged_collections(store, tmp_path):
     collection = f"c-{uuid.uuid4().hex[:8]}"
-    store.upsert(_items(collection, _clustered(200, 4)))
+    store.upsert(items_of(collection, _clustered(200, 4)))
     first = rebuild_changed(store, tmp_path, only=collection)
     assert isinstance(first[collection], dict)
     assert rebuild_changed(store, tmp_path, only=collection) == {collection: "unchanged"}
@@ -145,9 +136,9 @@ def test_rebuild_skips_unchanged_collections(store, tmp_path):
 def test_a_failed_build_keeps_the_old_index(store, tmp_path, monkeypatch):
     collection = f"c-{uuid.uuid4().hex[:8]}"
     vectors = _clustered(500, 5)
-    store.upsert(_items(collection, vectors))
+    store.upsert(items_of(collection, vectors))
     version, _ = build_index(store, collection, tmp_path)
-    store.upsert(_items(collection, _clustered(10, 6), prefix="more"))
+    store.upsert(items_of(collection, _clustered(10, 6), prefix="more"))
     monkeypatch.setattr(indexes, "RECALL_TARGET", 1.01)  # no index can pass
     report = rebuild_changed(store, tmp_path, only=collection)
     assert report[collection].startswith("failed: IndexQualityError: recall@10")
@@ -158,7 +149,7 @@ def test_a_failed_build_keeps_the_old_index(store, tmp_path, monkeypatch):
 def test_rebuild_during_searches_never_fails_or_returns_deleted(store, tmp_path):
     collection = f"c-{uuid.uuid4().hex[:8]}"
     vectors = _clustered(1500, 7)
-    store.upsert(_items(collection, vectors))
+    store.upsert(items_of(collection, vectors))
     build_index(store, collection, tmp_path / "builder")
     searcher = Searcher(store, Settings(data_dir=tmp_path / "reader"))
     searcher.indexes.check_interval_s = 0.0  # look for new versions on every search
@@ -224,7 +215,7 @@ def test_a_key_freed_in_one_collection_never_leaks_into_another(tmp_path, legacy
         _legacy_sqlite_table(url)
     store = create_store(url)
     vectors = _clustered(200, 11)
-    store.upsert(_items("a", vectors))
+    store.upsert(items_of("a", vectors))
     build_index(store, "a", tmp_path / "builder")
     last = max(item.pk for item in store.get("a", [f"id-{i}" for i in range(200)]))
     store.delete("a", ["id-199"])

@@ -29,30 +29,14 @@ from embedq.search.loader import IndexCache
 from embedq.search.lock import BuildLock
 from embedq.search.searcher import Searcher
 from embedq.settings import Settings
-from embedq.store.base import Item
 from embedq.store.factory import create_store
+from tests.helpers import clustered, items_of
 
 DIM = 16
 
 
 def _vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(20, dim))
-    return (centers[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
-
-
-def _items(collection: str, vectors: np.ndarray, prefix: str = "id") -> list[Item]:
-    return [
-        Item(collection, f"{prefix}-{i}", f"{collection} text {i}", v, "m@1", f"h{i}")
-        for i, v in enumerate(vectors)
-    ]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'integrity.db'}"
-    return request.getfixturevalue("own_postgres")
+    return clustered(n, seed, dim, clusters=20)
 
 
 @pytest.mark.usefixtures("redis_client")
@@ -60,7 +44,7 @@ def test_two_concurrent_rebuilds_of_one_collection_publish_one_whole_version(db_
     """Two hosts (own store connection and data dir each) rebuild at the same instant."""
     collection = f"race-{uuid.uuid4().hex[:8]}"
     setup = create_store(db_url)
-    setup.upsert(_items(collection, _vectors(3000, 1)))
+    setup.upsert(items_of(collection, _vectors(3000, 1)))
     stores = [create_store(db_url) for _ in range(2)]
     barrier = threading.Barrier(2)
     reports: list[object] = [None, None]
@@ -140,7 +124,7 @@ def test_concurrent_atomic_writes_of_one_path_never_tear_it(tmp_path):
 def test_an_older_snapshot_is_never_published_after_a_newer_one(db_url, tmp_path):
     store = create_store(db_url)
     collection = f"order-{uuid.uuid4().hex[:8]}"
-    store.upsert(_items(collection, _vectors(200, 2)))
+    store.upsert(items_of(collection, _vectors(200, 2)))
     old = store.snapshot(collection)  # an early build's snapshot, slow to finish
     version, meta = build_index(store, collection, tmp_path)  # a later build publishes
     with pytest.raises(StaleVersionError, match="not after the published version"):
@@ -152,7 +136,7 @@ def test_an_older_snapshot_is_never_published_after_a_newer_one(db_url, tmp_path
         version,
         meta | {"taken_at": meta["built_at"]},
     )
-    store.upsert(_items(collection, _vectors(10, 3), prefix="more"))
+    store.upsert(items_of(collection, _vectors(10, 3), prefix="more"))
     assert build_index(store, collection, tmp_path)[0] == version + 1, "newer ones still publish"
     store.close()
 
@@ -162,14 +146,14 @@ def test_a_corrupted_blob_is_refused_reported_and_the_old_index_keeps_serving(db
     store = create_store(db_url)
     collection = f"rot-{uuid.uuid4().hex[:8]}"
     vectors = _vectors(800, 4)
-    store.upsert(_items(collection, vectors))
+    store.upsert(items_of(collection, vectors))
     build_index(store, collection, tmp_path / "builder")
     searcher = Searcher(store, Settings(data_dir=tmp_path / "reader"))
     searcher.indexes.check_interval_s = 0.0
     assert searcher.search(vectors[5], collection, k=1)[0].id == "id-5"
     assert searcher.indexes.get(collection).version == 1
 
-    store.upsert(_items(collection, _vectors(50, 5), prefix="new"))
+    store.upsert(items_of(collection, _vectors(50, 5), prefix="new"))
     build_index(store, collection, tmp_path / "builder")
     _flip_a_byte(store, blob_name(collection), version=2)
     assert searcher.indexes.get(collection).version == 1, "v2 refused, v1 kept"
@@ -184,7 +168,7 @@ def test_a_corrupted_blob_is_refused_reported_and_the_old_index_keeps_serving(db
     assert fresh.search(vectors[9], collection, k=1)[0].id == "id-9"
     assert collection in fresh.indexes.failures
 
-    store.upsert(_items(collection, _vectors(5, 6), prefix="later"))
+    store.upsert(items_of(collection, _vectors(5, 6), prefix="later"))
     assert build_index(store, collection, tmp_path / "builder")[0] == 3
     assert searcher.indexes.get(collection).version == 3
     assert collection not in searcher.indexes.failures
@@ -194,7 +178,7 @@ def test_a_corrupted_blob_is_refused_reported_and_the_old_index_keeps_serving(db
 @pytest.mark.usefixtures("redis_client")
 def test_a_damaged_local_copy_is_fetched_again_from_the_store(tmp_path):
     store = create_store(f"sqlite:///{tmp_path / 'local.db'}")
-    store.upsert(_items("c", _vectors(300, 7)))
+    store.upsert(items_of("c", _vectors(300, 7)))
     build_index(store, "c", tmp_path)  # the builder's own copy: tmp_path/index/.../v1.blob
     local = index_dir(tmp_path, "c") / "v1.blob"
     local.write_bytes(local.read_bytes()[:-100] + b"\0" * 100)
@@ -207,10 +191,10 @@ def test_a_damaged_local_copy_is_fetched_again_from_the_store(tmp_path):
 @pytest.mark.usefixtures("redis_client")
 def test_a_mixed_dimension_collection_fails_alone_and_the_others_rebuild(tmp_path, db_url):
     store = create_store(db_url)
-    store.upsert(_items("a-mixed", _vectors(100, 8)))
-    store.upsert(_items("a-mixed", _vectors(20, 9, dim=DIM * 2), prefix="wide"))
-    store.upsert(_items("b-good", _vectors(100, 10)))
-    store.upsert(_items("c-good", _vectors(100, 11)))
+    store.upsert(items_of("a-mixed", _vectors(100, 8)))
+    store.upsert(items_of("a-mixed", _vectors(20, 9, dim=DIM * 2), prefix="wide"))
+    store.upsert(items_of("b-good", _vectors(100, 10)))
+    store.upsert(items_of("c-good", _vectors(100, 11)))
     report = rebuild_changed(store, tmp_path)
     assert report["a-mixed"].startswith("failed: StoreError:"), report["a-mixed"]
     assert f"mixes vector dimensions [{DIM}, {DIM * 2}]" in report["a-mixed"]

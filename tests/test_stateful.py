@@ -132,15 +132,9 @@ def _cosine(a: Any, b: Any) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgres"])
 @pytest.mark.usefixtures("redis_client")
-def test_searches_match_an_exact_model_through_any_sequence(database, request, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'stateful.db'}"
-        if database == "sqlite"
-        else request.getfixturevalue("own_postgres")
-    )
-    machine = type("Machine", (StoreModel,), {"url": url, "folder": tmp_path})
+def test_searches_match_an_exact_model_through_any_sequence(db_url, tmp_path):
+    machine = type("Machine", (StoreModel,), {"url": db_url, "folder": tmp_path})
     run_state_machine_as_test(
         machine,
         settings=settings(
