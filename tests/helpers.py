@@ -304,10 +304,23 @@ def finish(proc: subprocess.Popen[str], timeout_s: float = 600) -> dict[str, obj
     return json.loads(out.strip().splitlines()[-1])
 
 
-def wait_rows(store: Any, collection: str, at_least: int, timeout_s: float = 300) -> int:
-    """Wait until ``collection`` holds at least ``at_least`` rows; the count then."""
+def wait_rows(
+    store: Any,
+    collection: str,
+    at_least: int,
+    timeout_s: float = 300,
+    alive: subprocess.Popen[str] | None = None,
+) -> int:
+    """Wait until ``collection`` holds at least ``at_least`` rows; the count then. With
+    ``alive`` (the ingest feeding it), fail at once if that process exits first."""
+
+    def enough() -> int | bool:
+        if alive is not None:
+            assert alive.poll() is None, alive.communicate()[0][-3000:]
+        return (n := store.count(collection)) >= at_least and n
+
     return wait_until(
-        lambda: (n := store.count(collection)) >= at_least and n,
+        enough,
         timeout_s,
         0.2,
         lambda: f"{at_least} rows in {collection!r} (only {store.count(collection)})",

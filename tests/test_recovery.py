@@ -30,7 +30,7 @@ from embedq.keys import DELIVERY_PREFIX, LANDING_PREFIX, landing_key
 from embedq.store.factory import create_store
 from embedq.tools import procs
 from embedq.worker.leases import REDELIVERED_KEY, TaskLeases, held_tags, index_key, renew
-from tests.helpers import audit, corpus, free_port, private_redis
+from tests.helpers import audit, corpus, free_port, private_redis, wait_rows
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +80,6 @@ def logged_worker(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[su
             procs.stop(proc)
 
 
-def wait_rows(store, collection: str, at_least: int, ingest, timeout_s: float = 240) -> int:
-    """Wait until the store holds ``at_least`` rows of ``collection``; the count then."""
-    deadline = time.monotonic() + timeout_s
-    while (count := store.count(collection)) < at_least:
-        assert ingest.poll() is None, ingest.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, f"only {count} rows after {timeout_s} s"
-        time.sleep(0.1)
-    return count
-
-
 @pytest.mark.timeout(600)
 def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, broker_url):
     env = default_env(tmp_path, broker_url)
@@ -107,7 +97,7 @@ def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, 
     )
     try:
         with logged_worker(WORKER, env, log) as first:
-            wait_rows(store, "killed", 500, ingest)
+            wait_rows(store, "killed", 500, timeout_s=240, alive=ingest)
             first.send_signal(signal.SIGKILL)
             killed = time.monotonic()
             first.wait()

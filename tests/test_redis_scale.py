@@ -312,16 +312,6 @@ def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=handle, stderr=handle)
 
 
-def _env(tmp_path: Path, url: str) -> dict[str, str]:
-    return helpers.env(
-        EMBEDQ_REDIS_URL=url,
-        EMBEDQ_DATABASE_URL=f"sqlite:///{tmp_path / 'scale.db'}",
-        EMBEDQ_DATA_DIR=str(tmp_path / "data"),
-        EMBEDQ_WORKER_CONCURRENCY="4",
-        EMBEDQ_METRICS_PORT="0",
-    )
-
-
 def _ingest(tmp_path: Path, env: dict[str, str], n: int) -> tuple[subprocess.Popen[str], list]:
     docs = helpers.corpus(tmp_path / "docs.jsonl", n)
     return helpers.start_ingest(tmp_path / "docs.jsonl", "scale", env), docs
@@ -342,7 +332,11 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
     from embedq.store.factory import create_store
 
     with private_redis(tmp_path, "--maxmemory-policy", "noeviction") as url:
-        env, log, client = _env(tmp_path, url), tmp_path / "worker.log", connect(url)
+        env, log, client = (
+            helpers.isolated_env(tmp_path, url),
+            tmp_path / "worker.log",
+            connect(url),
+        )
         worker = _worker(env, log)
         ingest, docs = _ingest(tmp_path, env, 2000)
         try:
@@ -403,7 +397,11 @@ def _worker_beating(client: redis.Redis) -> Iterator[None]:
 def test_ingest_of_15000_documents_through_a_24mb_redis(tmp_path):
     config = ("--maxmemory", "24mb", "--maxmemory-policy", "noeviction")
     with private_redis(tmp_path, *config) as url:
-        env, log, client = _env(tmp_path, url), tmp_path / "worker.log", connect(url)
+        env, log, client = (
+            helpers.isolated_env(tmp_path, url),
+            tmp_path / "worker.log",
+            connect(url),
+        )
         worker = _worker(env, log)
         ingest, docs = _ingest(tmp_path, env, 15_000)
         try:

@@ -332,30 +332,19 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _own_redis(db: int) -> str:
-    from embedq.broker.client import connect
-
-    url = os.environ["EMBEDQ_REDIS_URL"]
-    if not url.startswith("redis://"):
-        pytest.skip("needs a TCP Redis to give the worker process its own database")
-    url = url.rsplit("/", 1)[0] + f"/{db}"
-    connect(url).flushdb()
-    return url
-
-
 DOCUMENTS = 3000
 DOWN_S = 6.0
 
 
 @pytest.mark.slow
-def test_a_postgres_restart_mid_ingest_loses_and_duplicates_nothing(tmp_path):
+def test_a_postgres_restart_mid_ingest_loses_and_duplicates_nothing(tmp_path, side_redis):
     """Stop the store's Postgres (immediate: as a crash or failover would) at ~1,000 of
     3,000 documents, keep it down for 6 s, start it again: the worker's store calls wait
     it out; every document is stored exactly once, with no failures reported."""
     with private_postgres() as pg:
         env = dict(
             os.environ,
-            EMBEDQ_REDIS_URL=_own_redis(12),
+            EMBEDQ_REDIS_URL=side_redis(12),
             EMBEDQ_DATABASE_URL=pg.url,
             EMBEDQ_DATA_DIR=str(tmp_path / "data"),
             EMBEDQ_WORKER_CONCURRENCY="4",
