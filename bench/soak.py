@@ -167,17 +167,7 @@ def soak_env(work: Path, broker_url: str, cache_url: str, backend: str) -> dict[
 
 def start_worker(env: dict[str, str], log: TextIO, n: int) -> subprocess.Popen:
     """Worker ``n`` (its own node name, as workers sharing a host need), logging to ``log``."""
-    cmd = [str(BIN / "embedq"), "worker", "--queue", "cpu", "--hostname", f"cpu{n}@%h"]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log)
-
-
-def wait_ready(log: Path, count: int, timeout_s: float = 900) -> None:
-    """Wait until ``count`` workers logged that they are ready (model loaded)."""
-    deadline = time.monotonic() + timeout_s
-    while log.read_text(errors="replace").count("embedq ready:") < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{count} workers were not ready after {timeout_s} s")
-        time.sleep(1)
+    return procs.start(procs.worker_command(hostname=f"cpu{n}@%h"), env, output=log, cwd=ROOT)
 
 
 def rows(db_url: str) -> tuple[int, int]:
@@ -252,7 +242,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         workers = [start_worker(env, log, n) for n in range(args.workers)]
         try:
             # Figures are of the steady state: the models load (and export) first.
-            wait_ready(work / "workers.log", args.workers)
+            procs.wait_ready(workers, broker_url, timeout_s=900)
             figures = ingest_with_kill(args, env, workers, log, out)
         finally:
             peaks.stop()
