@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -197,33 +197,30 @@ def redis_binary() -> str:
 @contextmanager
 def private_redis(tmp_path: Path, *config: str) -> Iterator[str]:
     """A redis-server of the caller's own (no persistence), with ``config`` flags; its URL."""
-    port = free_port()
-    folder = tmp_path / f"redis-{port}"
-    folder.mkdir(parents=True)
-    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
-    cmd += ["--save", "", "--appendonly", "no", *config]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        if not port_answers(port) or proc.poll() is not None:
-            raise RuntimeError(f"redis-server did not start: {cmd}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with redis_server(tmp_path / f"redis-{uuid.uuid4().hex[:8]}", config=config) as server:
+        yield server.url()
 
 
 class RedisServer:
     """A private redis-server on a free port; ``restart`` after a ``SHUTDOWN`` starts it
     again with the same files. Every process it started is killed at the end."""
 
-    def __init__(self, folder: Path, password: str | None = None, durable: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        password: str | None = None,
+        durable: bool = False,
+        config: Sequence[str] = (),
+    ):
         folder.mkdir(parents=True, exist_ok=True)
         self.port, self.password = free_port(), password
-        self.cmd = [redis_binary(), "--port", str(self.port), "--dir", str(folder), "--save", ""]
-        self.cmd += ["--maxmemory-policy", "noeviction"]
+        self.cmd = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        self.cmd += ["--dir", str(folder), "--save", "", "--maxmemory-policy", "noeviction"]
         # AOF fsync always, as docs/reliability.md advises (for the restart test).
         self.cmd += ["--appendonly", "yes", "--appendfsync", "always"] if durable else []
         self.cmd += ["--requirepass", password] if password else []
+        # Flags of the caller's own, last: they override the defaults above.
+        self.cmd += list(config)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.restart()
 
