@@ -1,6 +1,7 @@
-"""Profile one worker under N concurrent one-text callers: requests/s, p50/p99, the
-worker's CPU per task, Redis commands per task (``INFO commandstats``) and, with
-``--spy``, a py-spy profile of the worker (GIL-holding samples, raw collapsed stacks).
+"""Profile one worker under N concurrent one-text callers: requests/s, p50/p99, the CPU
+per task of the worker, the callers (this process) and Redis, Redis commands per task
+(``INFO commandstats``) and, with ``--spy``, a py-spy profile of the worker (GIL-holding
+samples, raw collapsed stacks).
 
     EMBEDQ_REDIS_URL=redis://127.0.0.1:6391/0 .venv/bin/python bench/interactive_profile.py \\
         --callers 32 --n 2500 --spy worker-gil.txt
@@ -35,6 +36,20 @@ def _args() -> argparse.Namespace:
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _redis_cpu_s(client: object) -> float:
+    info = client.info("cpu")  # type: ignore[attr-defined]
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _per_task(seconds: float, figures: dict[str, float]) -> float:
+    return round(seconds * 1000 / figures["tasks"], 2)
 
 
 def _spy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
@@ -73,8 +88,11 @@ def main() -> None:
             client.config_resetstat()
             spy = _spy(proc.pid, args.spy, args.spy_s) if args.spy else None
             cpu, start = _cpu_s(proc.pid), time.monotonic()
+            own, redis_cpu = _own_cpu_s(), _redis_cpu_s(client)
             figures = run_callers(send, texts, args.callers, args.n, args.via)
             cpu_ms = (_cpu_s(proc.pid) - cpu) * 1000 / figures["tasks"]
+            figures["callers_cpu_ms_per_task"] = _per_task(_own_cpu_s() - own, figures)
+            figures["redis_cpu_ms_per_task"] = _per_task(_redis_cpu_s(client) - redis_cpu, figures)
             figures["worker_cpu_share"] = round(
                 cpu_ms * figures["tasks"] / 1000 / (time.monotonic() - start), 2
             )

@@ -17,7 +17,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from embedq.broker.results import ResultListener
+from embedq.broker.results import FIRST_RUN, RESULT_POLL_S, ResultListener, get_and_forget
 from embedq.broker.url import redis_url
 from embedq.errors import InvalidInputError
 from embedq.ops import slo
@@ -156,3 +156,65 @@ def test_first_tokenizer_loads_from_many_threads_at_once_in_a_fresh_process():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_result_stored_before_its_wait_is_returned_at_once(runtime, redis_client):
+    from embedq.app import app
+    from embedq.tasks import embed_texts
+
+    result = embed_texts.delay([f"stored before the wait {uuid.uuid4()}"])
+    key = app.backend.get_key_for_task(result.id)
+    wait_until(lambda: redis_client.exists(key), 60, 0.01, "the stored result")
+    # Its pub/sub message came before anyone waited: the consumer buffered it, so skipping
+    # the read of the stored result costs no wait (the fallback poll is RESULT_POLL_S).
+    assert result.get(timeout=RESULT_POLL_S / 2).shape == (1, 384)
+    # A handle made elsewhere (never subscribed before sending) still reads it.
+    again = app.AsyncResult(result.id)
+    assert again.get(timeout=RESULT_POLL_S / 2).shape == (1, 384)
+
+
+def test_a_first_run_stores_without_reading_but_a_rerun_never_overwrites_success(redis_client):
+    from celery import states
+    from celery.app.task import Context
+
+    from embedq.app import app
+
+    backend, task_id = app.backend, str(uuid.uuid4())
+    first, rerun = Context(), Context()
+    setattr(first, FIRST_RUN, True)
+    try:
+        backend.store_result(task_id, "first run", states.SUCCESS, request=first)
+        backend.store_result(task_id, "redelivered run", states.SUCCESS, request=rerun)
+        assert backend.get_task_meta(task_id)["result"] == "first run"
+    finally:
+        redis_client.delete(backend.get_key_for_task(task_id))
+
+
+def test_forgotten_results_go_in_one_delete_and_the_wait_is_bounded(redis_client, monkeypatch):
+    from embedq.app import app
+    from embedq.broker import results
+
+    keys = [app.backend.get_key_for_task(str(uuid.uuid4())) for _ in range(6)]
+    redis_client.mset({key: b"x" for key in keys})
+    forgotten = results.Forgotten()
+    for key in keys[:3]:
+        forgotten.add(app.backend.url, app.backend.client, key)
+    wait_until(lambda: not redis_client.exists(*keys[:3]), 5, 0.01, "the forgotten results gone")
+    assert forgotten.pending() == 0 and redis_client.exists(*keys[3:]) == 3
+    # Past FORGET_MAX_PENDING the caller deletes them itself, at once.
+    monkeypatch.setattr(results, "FORGET_MAX_PENDING", 2)
+    forgotten._flusher.wake = lambda: None  # the thread must not be the one deleting
+    forgotten.add(app.backend.url, app.backend.client, keys[3])
+    assert forgotten.pending() == 1 and redis_client.exists(keys[3])
+    forgotten.add(app.backend.url, app.backend.client, keys[4])
+    assert forgotten.pending() == 0 and redis_client.exists(*keys[3:]) == 1
+
+
+def test_get_and_forget_deletes_the_result_soon_after(runtime, redis_client):
+    from embedq.app import app
+    from embedq.tasks import embed_texts
+
+    result = embed_texts.delay([f"forgotten soon {uuid.uuid4()}"])
+    assert get_and_forget(result, 60).shape == (1, 384)
+    key = app.backend.get_key_for_task(result.id)
+    wait_until(lambda: not redis_client.exists(key), 5, 0.01, "the result forgotten")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -14,10 +16,14 @@ import redis
 import redis.asyncio as aioredis
 from celery import states
 from celery.app.backends import BACKEND_ALIASES
+from celery.backends.base import MESSAGE_BUFFER_MAX
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
+from celery.backends.redis import ResultConsumer as CeleryResultConsumer
 from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import task_join_will_block
 
 from embedq.broker.client import BROKER_ERRORS, client_url, describe, wait_while_full
+from embedq.flusher import Flusher
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +102,134 @@ def get_and_forget(
         return get_result(result, timeout_s, deadline, on_poll)
 
 
+# Results forgotten by this process go out in one DEL at most this often.
+FORGET_INTERVAL_S = 0.05
+# Forgotten results waiting for that DEL, at most: beyond, the caller deletes them itself.
+FORGET_MAX_PENDING = 10_000
+# Task ids this process subscribed to before sending them, kept at most this many: half of
+# Celery's buffer of results that arrived before anyone waited (older ones may be evicted
+# from it, so they lose the shortcut and are read as Celery does).
+FRESH_MAX = MESSAGE_BUFFER_MAX // 2
+#: Set on a task's request by the worker when nothing else can have stored its result yet.
+FIRST_RUN = "embedq_first_run"
+
+_storing = threading.local()
+
+
+class ResultConsumer(CeleryResultConsumer):
+    """Celery's Redis result consumer, without the read of the stored result before a wait
+    when this process subscribed to the task's channel before sending it: its result cannot
+    have been published unseen (a lost connection re-reads every subscribed result)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fresh: OrderedDict[str, None] = OrderedDict()
+        self._fresh_lock = threading.Lock()
+
+    def subscribed_before_send(self, task_id: str) -> None:
+        """``task_id`` is subscribed to and not sent yet (bounded: the oldest are dropped,
+        and only lose the shortcut)."""
+        with self._fresh_lock:
+            self._fresh[task_id] = None
+            if len(self._fresh) > FRESH_MAX:
+                self._fresh.popitem(last=False)
+
+    def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
+        """Read the stored result first, unless it was subscribed to before it was sent
+        (the first wait only: a later one reads, as Celery does)."""
+        with self._fresh_lock:
+            fresh = self._fresh.pop(result.id, False) is None
+        if not fresh:
+            super().on_wait_for_pending(result, **kwargs)
+
+
 class RedisBackend(CeleryRedisBackend):
     """Celery's Redis result backend, except that storing a result waits out a full Redis
-    (maxmemory reached, noeviction) instead of failing the task it belongs to."""
+    (maxmemory reached, noeviction) instead of failing the task it belongs to, and that
+    three round trips per task are saved: a caller does not read a result it subscribed to
+    before sending the task, a worker does not read before storing a task's first run, and
+    forgotten results are deleted in batches."""
+
+    ResultConsumer = ResultConsumer
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Subscribe to the task's result channel before it is sent (as Celery does)."""
+        super().on_task_call(producer, task_id)
+        if not task_join_will_block():
+            self.result_consumer.subscribed_before_send(task_id)
 
     def set(self, key: Any, value: Any, expires: Any = None, **retry_policy: Any) -> Any:
         """Store ``value``; retried with backoff while Redis refuses writes for memory."""
         parent = super().set
         return wait_while_full(lambda: parent(key, value, expires, **retry_policy), "a result")
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        # Celery reads the stored state first so that a redelivered duplicate never
+        # overwrites a SUCCESS; on the first run of a task attempt there is none to protect.
+        _storing.first_run = task_id if getattr(request, FIRST_RUN, False) else None
+        try:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        finally:
+            _storing.first_run = None
+
+    def _get_task_meta_for(self, task_id: str) -> Any:
+        if getattr(_storing, "first_run", None) == task_id:
+            return {"status": states.PENDING, "result": None}
+        return super()._get_task_meta_for(task_id)
+
+    def _forget(self, task_id: str) -> None:
+        """Delete the stored result within ``FORGET_INTERVAL_S`` (see :class:`Forgotten`)."""
+        FORGOTTEN.add(self.url, self.client, self.get_key_for_task(task_id))
+
+
+class Forgotten:
+    """Results forgotten by this process, deleted in one DEL per Redis at most every
+    ``FORGET_INTERVAL_S`` by one thread. Celery keeps a backend per thread: this is shared
+    by all of them, so 32 caller threads cost one DEL, not 32."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, list[str]] = {}
+        self._clients: dict[str, redis.Redis] = {}
+        self._flusher = Flusher(self.flush, FORGET_INTERVAL_S, "embedq-forget")
+
+    def add(self, url: str, client: redis.Redis, key: str) -> None:
+        """Delete ``key`` soon; a caller that forgets more than ``FORGET_MAX_PENDING`` at
+        once deletes them itself (the bound on what waits)."""
+        with self._lock:
+            self._clients.setdefault(url, client)
+            keys = self._keys.setdefault(url, [])
+            keys.append(key)
+            full = len(keys) >= FORGET_MAX_PENDING
+        if full:
+            self.flush()
+        else:
+            self._flusher.wake()
+
+    def pending(self) -> int:
+        """How many forgotten results wait for their DEL."""
+        with self._lock:
+            return sum(map(len, self._keys.values()))
+
+    def flush(self) -> None:
+        """Delete what waits now, one DEL per Redis."""
+        with self._lock:
+            taken, self._keys = self._keys, {}
+        for url, keys in taken.items():
+            # Forgetting is housekeeping: a failure only leaves the results to their expiry.
+            with contextlib.suppress(*BROKER_ERRORS):
+                self._clients[url].delete(*keys)
+
+
+FORGOTTEN = Forgotten()
 
 
 def register_backend() -> None:

@@ -8,7 +8,6 @@ heartbeats mark each minute a worker was alive. An SLI is read over the last
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass
 import redis
 from redis.client import Pipeline
 
+from embedq.flusher import Flusher
 from embedq.keys import alive_key, slo_key
 from embedq.settings import Settings
 
@@ -63,24 +63,31 @@ def request_counts(
 
 
 class Tally:
-    """SLO counts of this process, summed per minute in memory and written to Redis by
-    :meth:`flush` in one pipeline: one round trip per flush instead of one per task.
+    """Counts of this process, summed per bucket (by default: SLO counts per minute) in
+    memory and written to Redis by :meth:`flush` in one pipeline: one round trip per flush
+    instead of one per task.
 
-    Thread-safe. Bounded: at most ``MAX_PENDING_MINUTES`` minutes wait for Redis."""
+    Thread-safe. Bounded: at most ``MAX_PENDING_MINUTES`` buckets wait for Redis."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        key_of: Callable[[int], str] = slo_key,
+        bucket_of: Callable[[float | None], int] = minute,
+    ) -> None:
+        self.key_of, self.bucket_of = key_of, bucket_of
         self._lock = threading.Lock()
         self._minutes: dict[int, Counter[str]] = {}
-        self.dirty = threading.Event()
+        self.flusher: Flusher | None = None
 
     def add(self, counts: dict[str, int], now: float | None = None) -> None:
-        """Add ``counts`` (field -> amount) to the minute of ``now``."""
-        bucket = minute(now)
+        """Add ``counts`` (field -> amount) to the bucket of ``now``."""
+        bucket = self.bucket_of(now)
         with self._lock:
             self._minutes.setdefault(bucket, Counter()).update(counts)
             while len(self._minutes) > MAX_PENDING_MINUTES:
                 del self._minutes[min(self._minutes)]
-        self.dirty.set()
+        if self.flusher is not None:
+            self.flusher.wake()
 
     def add_request(self, texts: int, failed: bool, seconds: float, target_s: float) -> None:
         """Count one finished task (see :func:`request_counts`)."""
@@ -91,96 +98,61 @@ class Tally:
         self.add({"cache_hits": hits, "cache_misses": misses})
 
     def pending(self) -> dict[int, dict[str, int]]:
-        """What waits to be written, per minute (a copy)."""
+        """What waits to be written, per bucket (a copy)."""
         with self._lock:
             return {m: dict(c) for m, c in self._minutes.items()}
 
     def flush(self, client: redis.Redis, ttl_s: int) -> int:
-        """Write what was counted in one pipeline; how many minutes it touched. On a Redis
-        error the counts stay here (merged with newer ones) and the error is raised."""
+        """Write what was counted in one pipeline (keys expire after ``ttl_s``; 0: never);
+        how many buckets it touched. On a Redis error the counts stay here (merged with
+        newer ones) and the error is raised."""
         with self._lock:
             taken, self._minutes = self._minutes, {}
-            self.dirty.clear()
         if not taken:
             return 0
         try:
-            _write(client, taken, ttl_s)
+            self._write(client, taken, ttl_s)
         except Exception:
             for bucket, counts in taken.items():
-                self.add(dict(counts), bucket * 60.0)
+                with self._lock:
+                    self._minutes.setdefault(bucket, Counter()).update(counts)
             raise
         return len(taken)
 
+    def _write(self, client: redis.Redis, buckets: dict[int, Counter[str]], ttl_s: int) -> None:
+        pipe = client.pipeline(transaction=False)
+        for bucket, counts in buckets.items():
+            key = self.key_of(bucket)
+            for field, value in counts.items():
+                if value:
+                    pipe.hincrby(key, field, value)
+            if ttl_s:
+                pipe.expire(key, ttl_s)
+        pipe.execute()
 
-def _write(client: redis.Redis, minutes: dict[int, Counter[str]], ttl_s: int) -> None:
-    pipe = client.pipeline(transaction=False)
-    for bucket, counts in minutes.items():
-        key = slo_key(bucket)
-        for field, value in counts.items():
-            if value:
-                pipe.hincrby(key, field, value)
-        pipe.expire(key, ttl_s)
-    pipe.execute()
-
-
-class TallyFlusher:
-    """A daemon thread that flushes a :class:`Tally` when something was counted, at most
-    once every ``FLUSH_INTERVAL_S``; idle while nothing is."""
-
-    def __init__(
-        self, tally: Tally, client: Callable[[], redis.Redis], ttl_s: Callable[[], int]
-    ) -> None:
-        self.tally, self.client, self.ttl_s = tally, client, ttl_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="embedq-slo-flush", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.tally.dirty.wait()
-            # The first count after a quiet spell goes out at once; counts arriving in the
-            # next FLUSH_INTERVAL_S wait and go out together in the next pipeline.
-            self.flush()
-            self._stop.wait(FLUSH_INTERVAL_S)
-
-    def flush(self) -> None:
-        """Write what is counted now; a Redis error is logged, the counts kept."""
-        try:
-            self.tally.flush(self.client(), self.ttl_s())
-        except Exception as exc:  # counting must never stop: the next flush retries
-            log.warning("could not write SLO counts (kept for the next flush): %s", exc)
-            self._stop.wait(FLUSH_INTERVAL_S)
-
-    def stop(self) -> None:
-        """Stop the thread after a last flush."""
-        self._stop.set()
-        self.tally.dirty.set()
-        self._thread.join(timeout=5)
-        self.flush()
+    def counting(
+        self, client: Callable[[], redis.Redis], ttl_s: Callable[[], int], name: str
+    ) -> Tally:
+        """This tally, written by a :class:`~embedq.flusher.Flusher` thread (``name``) into
+        ``client()`` at most every ``FLUSH_INTERVAL_S``."""
+        if self.flusher is None:
+            self.flusher = Flusher(lambda: self.flush(client(), ttl_s()), FLUSH_INTERVAL_S, name)
+        return self
 
 
 TALLY = Tally()
-_flusher: tuple[int, TallyFlusher] | None = None
-_flusher_lock = threading.Lock()
 
 
 def counting(client: Callable[[], redis.Redis], ttl_s: Callable[[], int]) -> Tally:
-    """This process's tally, with its flusher thread started (once per process: a forked
-    child starts its own)."""
-    global _flusher
-    with _flusher_lock:
-        if _flusher is None or _flusher[0] != os.getpid():
-            _flusher = (os.getpid(), TallyFlusher(TALLY, client, ttl_s))
-    return TALLY
+    """This process's SLO tally, written by its flusher thread (started once per process:
+    a forked child starts its own)."""
+    return TALLY.counting(client, ttl_s, "embedq-slo-flush")
 
 
 def stop_counting() -> None:
-    """Flush this process's tally one last time and stop its flusher."""
-    global _flusher
-    with _flusher_lock:
-        if _flusher is not None and _flusher[0] == os.getpid():
-            _flusher[1].stop()
-        _flusher = None
+    """Flush this process's SLO tally one last time and stop its flusher."""
+    if TALLY.flusher is not None:
+        TALLY.flusher.stop()
 
 
 def mark_alive(client: redis.Redis, ttl_s: int, pipeline: Pipeline | None = None) -> None:

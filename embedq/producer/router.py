@@ -3,7 +3,8 @@
 An explicit ``queue=`` always wins. Otherwise: no live gpu worker -> cpu; no live cpu
 worker -> gpu; a large batch -> gpu unless its expected time is more than twice cpu's;
 a small one -> whichever queue is expected to finish it first (cpu on a tie, keeping the
-gpu for bulk work). Every decision is counted with its reason in Redis.
+gpu for bulk work). Every decision is counted with its reason in Redis (a few times a
+second, summed).
 
 ``EMBEDQ_ROUTER_POLICY=cheapest`` first tries the queue with the lowest cost per text
 (``EMBEDQ_COST_PER_HOUR`` over measured texts/s) whose expected completion time meets
@@ -17,7 +18,6 @@ share the queue itself, which all of them also consume.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -34,6 +34,7 @@ from embedq.errors import UnknownModelError
 from embedq.inputs import task_items
 from embedq.keys import stats_key
 from embedq.ops.heartbeat import read_heartbeats
+from embedq.ops.slo import Tally
 from embedq.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -249,11 +250,18 @@ class Router:
             return self._states, self._beats
 
 
+# Decisions reach Redis's one router hash (bounded by queues x reasons) in one pipeline a
+# few times a second, not one HINCRBY per request.
+_tally = Tally(key_of=lambda _: stats_key("router"), bucket_of=lambda _: 0).counting(
+    shared_client, lambda: 0, "embedq-router-counts"
+)
+
+
 def count(queue: str, reason: str) -> None:
-    """Count one routing decision (in-process and in Redis, for metrics and status)."""
+    """Count one routing decision (in-process and, within ``FLUSH_INTERVAL_S``, in Redis,
+    for metrics and status)."""
     decisions[f"{queue}:{reason}"] += 1
-    with contextlib.suppress(redis.RedisError):
-        shared_client().hincrby(stats_key("router"), f"{queue}:{reason}", 1)
+    _tally.add({f"{queue}:{reason}": 1})
 
 
 router = Router()

@@ -11,6 +11,7 @@ from celery import Task
 
 from embedq.app import app
 from embedq.broker.client import incr_with_ttl, shared_client
+from embedq.broker.results import FIRST_RUN
 from embedq.codec import Embeddings
 from embedq.errors import INPUT_ERRORS, EncoderError, InvalidInputError, PoisonTaskError, StoreError
 from embedq.inputs import parse_embed_request, task_items
@@ -93,6 +94,8 @@ class EmbedTask(Task):
         if request.id and not request.is_eager:
             settings = get_settings()
             count = count_delivery(request.id, request.retries, _delivery_ttl_s(settings))
+            # No other run of this attempt can have stored a result: storing skips the read.
+            setattr(request, FIRST_RUN, count == 1)
             if count > 1:
                 # Its first worker died, or lost Redis past its lease (a rare double run,
                 # harmless: store writes are idempotent upserts).
