@@ -218,3 +218,20 @@ def test_get_and_forget_deletes_the_result_soon_after(runtime, redis_client):
     assert get_and_forget(result, 60).shape == (1, 384)
     key = app.backend.get_key_for_task(result.id)
     wait_until(lambda: not redis_client.exists(key), 5, 0.01, "the result forgotten")
+
+
+def test_tasks_the_listener_waits_for_are_not_subscribed_by_celery_s_consumer(runtime):
+    from embedq.app import app
+    from embedq.broker.results import waited_by_listener
+    from embedq.tasks import embed_texts
+
+    consumer = app.backend.result_consumer
+    with waited_by_listener():
+        listened = embed_texts.delay([f"listened {uuid.uuid4()}"])
+    plain = embed_texts.delay([f"plain {uuid.uuid4()}"])
+    subscribed = consumer.subscribed_to
+    # The API's threads never read Celery's consumer: its subscriptions would only pile up.
+    assert app.backend.get_key_for_task(listened.id) not in subscribed
+    assert app.backend.get_key_for_task(plain.id) in subscribed
+    assert get_and_forget(plain, 60).shape == (1, 384)
+    listened.forget()

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import redis
@@ -114,6 +114,20 @@ FRESH_MAX = MESSAGE_BUFFER_MAX // 2
 FIRST_RUN = "embedq_first_run"
 
 _storing = threading.local()
+_listened = threading.local()
+
+
+@contextlib.contextmanager
+def waited_by_listener() -> Iterator[None]:
+    """Tasks sent in this block (by this thread) are waited for by a
+    :class:`ResultListener`: Celery's per-thread result consumer does not subscribe to them
+    (it would never read or leave their channels: a SUBSCRIBE per task, and a subscription
+    set and a pub/sub backlog that only grow)."""
+    _listened.on = True
+    try:
+        yield
+    finally:
+        _listened.on = False
 
 
 class ResultConsumer(CeleryResultConsumer):
@@ -153,7 +167,10 @@ class RedisBackend(CeleryRedisBackend):
     ResultConsumer = ResultConsumer
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
-        """Subscribe to the task's result channel before it is sent (as Celery does)."""
+        """Subscribe to the task's result channel before it is sent (as Celery does),
+        unless a :class:`ResultListener` waits for it (see :func:`waited_by_listener`)."""
+        if getattr(_listened, "on", False):
+            return
         super().on_task_call(producer, task_id)
         if not task_join_will_block():
             self.result_consumer.subscribed_before_send(task_id)
@@ -267,15 +284,24 @@ class ResultListener:
         self._leaving: list[bytes] = []
         self._leaver: asyncio.Task[None] | None = None
 
-    async def wait(self, task_id: str, timeout_s: float) -> Any:
+    async def wait(
+        self,
+        task_id: str,
+        timeout_s: float,
+        send: Callable[[], Awaitable[object]] | None = None,
+    ) -> Any:
         """The task's result (its error raised), forgotten once read; Celery's
-        ``TimeoutError`` after ``timeout_s``."""
+        ``TimeoutError`` after ``timeout_s``. With ``send``, the task is sent (by awaiting
+        it) only once its channel is subscribed: its result cannot be published unseen,
+        so the stored result is not read first."""
         self._bind()
         key = self.backend.get_key_for_task(task_id)
         future = self._waiting[key] = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(timeout_s):
-                await self._subscribe(key)
+                await self._subscribe(key, check=send is None)
+                if send is not None:
+                    await send()
                 meta = await future
         except TimeoutError as exc:
             raise CeleryTimeout(f"no result for task {task_id} within {timeout_s:g} s") from exc
@@ -284,12 +310,13 @@ class ResultListener:
             await self._leave(key)
         return self._outcome(meta)
 
-    async def _subscribe(self, key: bytes) -> None:
+    async def _subscribe(self, key: bytes, check: bool = True) -> None:
         async with self._lock:
             await self._pubsub.subscribe(key)
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
-        await self._check([key])
+        if check:
+            await self._check([key])
 
     async def _check(self, keys: list[bytes]) -> None:
         """Read the stored results of ``keys`` (those already there resolve now)."""
