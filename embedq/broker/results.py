@@ -214,11 +214,11 @@ class Forgotten:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._keys: dict[str, list[str]] = {}
+        self._keys: dict[str, list[str | bytes]] = {}
         self._clients: dict[str, redis.Redis] = {}
         self._flusher = Flusher(self.flush, FORGET_INTERVAL_S, "embedq-forget")
 
-    def add(self, url: str, client: redis.Redis, key: str) -> None:
+    def add(self, url: str, client: redis.Redis, key: str | bytes) -> None:
         """Delete ``key`` soon; a caller that forgets more than ``FORGET_MAX_PENDING`` at
         once deletes them itself (the bound on what waits)."""
         with self._lock:
@@ -325,7 +325,9 @@ class ResultListener:
                 self._resolve(key, value)
 
     async def _leave(self, key: bytes) -> None:
-        # Requests finishing together leave (UNSUBSCRIBE, DEL) in one go, not one each.
+        # The result is deleted as every forgotten one is (one thread, whatever becomes
+        # of this loop); requests finishing together UNSUBSCRIBE in one go.
+        FORGOTTEN.add(self.backend.url, self.backend.client, key)
         self._leaving.append(key)
         if len(self._leaving) == 1:
             self._leaver = asyncio.get_running_loop().create_task(self._leave_all())
@@ -333,11 +335,9 @@ class ResultListener:
     async def _leave_all(self) -> None:
         await asyncio.sleep(0)  # the other requests resolved by the same message batch
         keys, self._leaving = self._leaving, []
-        # Forgetting is housekeeping: failures only cost the results' expiry.
         with contextlib.suppress(*AIO_ERRORS):
             async with self._lock:
                 await self._pubsub.unsubscribe(*keys)
-            await self._client.delete(*keys)
 
     async def _read(self) -> None:
         while self._waiting or self._pubsub.subscribed:
