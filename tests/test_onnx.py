@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -69,17 +67,3 @@ def test_the_export_is_cached_per_model(int8, onnx_data_dir):
 def test_unknown_backend_is_a_named_error():
     with pytest.raises(ConfigurationError, match="EMBEDQ_CPU_BACKEND"):
         create_encoder(Settings(cpu_backend="tpu"))
-
-
-def test_small_batches_run_on_one_thread_with_the_same_vectors(int8, monkeypatch):
-    from embedq.encode import onnx_backend
-
-    if (os.cpu_count() or 1) > 1:
-        assert int8.serial_session.get_session_options().intra_op_num_threads == 1
-        assert int8.session is not int8.serial_session
-    ids = int8.tokenize([p[0] for p in load_sick()[:16]]).ids
-    assert sum(map(len, ids)) < onnx_backend.SERIAL_BATCH_TOKENS
-    serial = int8.embed_ids(ids, True)
-    monkeypatch.setattr(onnx_backend, "SERIAL_BATCH_TOKENS", 0)
-    parallel = int8.embed_ids(ids, True)
-    assert float(np.min(np.sum(serial * parallel, axis=1))) > 0.9999

@@ -40,11 +40,6 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
 
 log = logging.getLogger(__name__)
 
-# Batches up to this many padded tokens run on one intra-op thread: splitting so little work
-# over cores costs ~25% more CPU per text (measured: 1.18 vs 1.48 ms per SICK text at
-# batch 32), and one-text traffic is CPU-bound on the task threads beside the encoder.
-SERIAL_BATCH_TOKENS = 1024
-
 
 class _MeanPooled(torch.nn.Module):
     """The transformer plus mean pooling, as exported (normalizing happens after)."""
@@ -123,19 +118,6 @@ def export_int8(source: TorchEncoder, folder: Path) -> Path:
     return final
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of ``path`` on ``threads`` intra-op threads."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    # ONNX Runtime's idle intra-op threads spin by default: between small batches they
-    # burn the cores the task threads need (~2 ms of CPU per one-text task on 2 cores).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelLoadError(f"could not load {path}: {exc}") from exc
-
-
 class OnnxInt8Encoder(Encoder):
     """int8 ONNX Runtime on the CPU; tokenization as the torch backend does it."""
 
@@ -149,9 +131,17 @@ class OnnxInt8Encoder(Encoder):
         self._normalize_always = any(type(m).__name__ == "Normalize" for m in source.model)
         self._config = source._config
         path = export_int8(source, settings.data_dir / "onnx" / self.model_id)
-        self.session = _session(path, os.cpu_count() or 1)
-        # Small batches get a session of their own with one thread (see SERIAL_BATCH_TOKENS).
-        self.serial_session = self.session if (os.cpu_count() or 1) == 1 else _session(path, 1)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        # ONNX Runtime's idle intra-op threads spin by default: between small batches they
+        # burn the cores the task threads need (~2 ms of CPU per one-text task on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"could not load {path}: {exc}") from exc
         self.memory_cap = memory_cap_bytes(settings, "cpu")
         self.batch_tokens_setting = batch_tokens_for(settings, "cpu-int8")
         # Only the tokenizer is kept: the fp32 torch model was needed for the export alone.
@@ -165,8 +155,7 @@ class OnnxInt8Encoder(Encoder):
     def embed_ids(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
         """One ONNX Runtime run over a padded batch."""
         input_ids, mask = pad(ids, self.tokenizer.pad_token_id or 0)
-        session = self.session if input_ids.size > SERIAL_BATCH_TOKENS else self.serial_session
-        out = session.run(None, {"input_ids": input_ids, "attention_mask": mask})[0]
+        out = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})[0]
         if normalize or self._normalize_always:
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32, copy=False)
