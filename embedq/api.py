@@ -262,26 +262,18 @@ class Service:
             self._workers_seen = (time.monotonic(), workers)
         return workers
 
-    def send(
-        self,
-        texts: list[str],
-        model: str | None,
-        normalize: bool,
-        queue: str | None,
-        task_id: str | None = None,
-    ):
-        """Check the texts and that a worker lives, then enqueue; the task's AsyncResult."""
+    def send(self, job: Job, task_id: str) -> Any:
+        """Check the texts and that a worker lives, then enqueue ``job`` as ``task_id``; its
+        AsyncResult."""
         from embedq.tasks import embed_texts
 
-        self.check_texts(texts)
+        self.check_texts(job.texts)
         self.require_worker()
-        options: dict[str, Any] = {"queue": queue} if queue else {}
-        if task_id is not None:
-            options["task_id"] = task_id
-        timeout_s = self.settings.api_timeout_s
-        send = functools.partial(embed_texts.apply_async, (texts, model, normalize), **options)
+        options = {"queue": job.queue} if job.queue else {}
+        args = (job.texts, job.model, job.normalize)
+        send = functools.partial(embed_texts.apply_async, args, task_id=task_id, **options)
         try:
-            return wait_while_full(send, "the API", time.monotonic() + timeout_s)
+            return wait_while_full(send, "the API", time.monotonic() + self.settings.api_timeout_s)
         except Exception as exc:
             if is_redis_full(exc):
                 raise ApiError(503, f"{describe(exc)}: try again later", "RedisFull") from exc
@@ -292,7 +284,7 @@ class Service:
         (``job.tokens``) the token count, in one hop off the event loop, not one each."""
         self.limit_rate(key_id)
         with waited_by_listener():
-            self.send(job.texts, job.model, job.normalize, job.queue, task_id)
+            self.send(job, task_id)
         return self.count_tokens(job.texts, job.model) if job.tokens else None
 
     async def embed_async(self, key_id: str, job: Job) -> tuple[Any, int | None]:

@@ -28,6 +28,7 @@ class Flusher:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._thread: threading.Thread | None = None
+        self._hooked = False
 
     def wake(self) -> None:
         """Something waits to be flushed: the thread flushes it (starting it if needed)."""
@@ -42,8 +43,9 @@ class Flusher:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
-            if self._pid is None:
+            if not self._hooked:
                 atexit.register(self.flush)
+                self._hooked = True
             self._pid = os.getpid()
 
     def _run(self) -> None:

@@ -81,7 +81,9 @@ class Tally:
 
     def add(self, counts: dict[str, int], now: float | None = None) -> None:
         """Add ``counts`` (field -> amount) to the bucket of ``now``."""
-        bucket = self.bucket_of(now)
+        self._merge(self.bucket_of(now), counts)
+
+    def _merge(self, bucket: int, counts: dict[str, int]) -> None:
         with self._lock:
             self._minutes.setdefault(bucket, Counter()).update(counts)
             while len(self._minutes) > MAX_PENDING_MINUTES:
@@ -114,8 +116,7 @@ class Tally:
             self._write(client, taken, ttl_s)
         except Exception:
             for bucket, counts in taken.items():
-                with self._lock:
-                    self._minutes.setdefault(bucket, Counter()).update(counts)
+                self._merge(bucket, counts)
             raise
         return len(taken)
 
