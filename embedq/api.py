@@ -11,7 +11,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -53,14 +52,12 @@ from embedq.errors import (
 from embedq.keys import rate_key
 from embedq.ops.cost import cost_report
 from embedq.ops.metrics import ApiMetrics, RequestMetrics
+from embedq.ops.registry import listed_models
 from embedq.ops.status import read_workers
+from embedq.producer.router import router as router_state
 from embedq.settings import QUEUES, Settings, get_settings, split_models
 
 log = logging.getLogger(__name__)
-
-# The API reads which workers are alive at most this often (heartbeats come every few s).
-WORKERS_FRESH_S = 1.0
-
 
 # Optional here, so a missing key gets our 401 message rather than FastAPI's 403.
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
@@ -255,19 +252,17 @@ class Service:
         return workers
 
     def _live_workers(self) -> list[dict[str, Any]]:
-        # Read at most every WORKERS_FRESH_S, not once per request; none alive: read again.
-        seen_at, workers = getattr(self, "_workers_seen", (-math.inf, []))
-        if not workers or time.monotonic() - seen_at > WORKERS_FRESH_S:
-            workers = [w for beats in read_workers(shared_client()).values() for w in beats]
-            self._workers_seen = (time.monotonic(), workers)
-        return workers
+        # The router's heartbeats (read at most once a second for routing too); none alive:
+        # read again, a worker may just have started.
+        beats = router_state.heartbeats()
+        if not any(beats.values()):
+            beats = router_state.heartbeats(fresh=True)
+        return [w for workers in beats.values() for w in workers]
 
     def send(self, job: Job, task_id: str) -> Any:
-        """Check the texts and that a worker lives, then enqueue ``job`` as ``task_id``; its
-        AsyncResult."""
+        """Check that a worker lives, then enqueue ``job`` as ``task_id``; its AsyncResult."""
         from embedq.tasks import embed_texts
 
-        self.check_texts(job.texts)
         self.require_worker()
         options = {"queue": job.queue} if job.queue else {}
         args = (job.texts, job.model, job.normalize)
@@ -291,6 +286,8 @@ class Service:
         """``job``'s vectors and token count: subscribed to on the shared result listener,
         enqueued from a worker thread (see :meth:`_admit`), then waited for (no thread held
         while the task runs, no read of the stored result)."""
+        # No I/O: a request refused for its size costs no subscription.
+        self.check_texts(job.texts)
         task_id, tokens = str(uuid4()), None
 
         async def send() -> None:
@@ -443,12 +440,8 @@ def metadata(service: ServiceDep) -> dict[str, Any]:
     }
 
 
-def scraper(service: ServiceDep, credentials: Credentials) -> None:
-    """Authenticate a metrics scrape; never rate-limited, so monitoring is not throttled."""
-    service.authenticate(credentials)
-
-
-@router.get("/metrics", dependencies=[Depends(scraper)])
+# Authenticated, never rate-limited: monitoring is not throttled.
+@router.get("/metrics", dependencies=[Depends(key_of)])
 def prometheus_metrics(service: ServiceDep) -> Response:
     """Prometheus metrics: the API's requests and the cluster's queues, router and SLOs."""
     body, content_type = service.metrics.render()
@@ -459,7 +452,7 @@ def served_models(beats: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every model live workers serve (name, model id, dimension), from their heartbeats."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for beat in beats:
-        for model in beat.get("models") or []:
+        for model in listed_models(beat):
             entry = {k: model.get(k) for k in ("name", "model_id", "dim")}
             found.setdefault((str(entry["name"]), str(entry["model_id"])), entry)
     return [found[key] for key in sorted(found)]

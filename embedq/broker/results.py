@@ -297,17 +297,20 @@ class ResultListener:
         self._bind()
         key = self.backend.get_key_for_task(task_id)
         future = self._waiting[key] = asyncio.get_running_loop().create_future()
+        sent = send is None
         try:
             async with asyncio.timeout(timeout_s):
-                await self._subscribe(key, check=send is None)
+                await self._subscribe(key, check=sent)
                 if send is not None:
                     await send()
+                    sent = True
                 meta = await future
         except TimeoutError as exc:
             raise CeleryTimeout(f"no result for task {task_id} within {timeout_s:g} s") from exc
         finally:
             self._waiting.pop(key, None)
-            await self._leave(key)
+            # A task that was never sent has no result to delete.
+            await self._leave(key, forget=sent)
         return self._outcome(meta)
 
     async def _subscribe(self, key: bytes, check: bool = True) -> None:
@@ -324,10 +327,11 @@ class ResultListener:
             if value is not None:
                 self._resolve(key, value)
 
-    async def _leave(self, key: bytes) -> None:
+    async def _leave(self, key: bytes, forget: bool = True) -> None:
         # The result is deleted as every forgotten one is (one thread, whatever becomes
         # of this loop); requests finishing together UNSUBSCRIBE in one go.
-        FORGOTTEN.add(self.backend.url, self.backend.client, key)
+        if forget:
+            FORGOTTEN.add(self.backend.url, self.backend.client, key)
         self._leaving.append(key)
         if len(self._leaving) == 1:
             self._leaver = asyncio.get_running_loop().create_task(self._leave_all())

@@ -81,3 +81,10 @@ def read_depths(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -
     for queue, beats in workers.items():
         depths[queue] = depths.get(queue, 0) + sum(b.get("own_queue_depth", 0) for b in beats)
     return depths
+
+
+def listed_models(beat: dict[str, Any]) -> list[dict[str, Any]]:
+    """The models a heartbeat lists (a worker too old to list them serves its ``model``)."""
+    if models := beat.get("models"):
+        return list(models)
+    return [{"name": beat.get("model"), "model_id": beat.get("model_id")}]

@@ -12,7 +12,7 @@ from embedq.broker.client import FULL_SHARE, check_eviction_policy, read_memory
 from embedq.errors import StoreError
 from embedq.ops.cost import cost_report
 from embedq.ops.heartbeat import read_expired_heartbeats, read_heartbeats
-from embedq.ops.registry import read_depths
+from embedq.ops.registry import listed_models, read_depths
 from embedq.ops.slo import evaluate, read_usage
 from embedq.search.build import blob_name
 from embedq.settings import QUEUES, Settings
@@ -206,7 +206,7 @@ def render(report: Report) -> str:
             if "own_queue_depth" in b:
                 port += f", {b['own_queue_depth']} waiting on its own queue"
             # Every model the worker serves (older heartbeats name one).
-            models = ", ".join(str(m.get("model_id")) for m in b.get("models") or [b])
+            models = ", ".join(str(m.get("model_id")) for m in listed_models(b))
             lines.append(f"    {b['hostname']} ({b['device']}, {models}) {speed}{port}{price}")
     depths = ", ".join(f"{q} {d}" for q, d in report.queue_depths.items())
     lines.append(f"queues: {depths}")

@@ -34,6 +34,7 @@ from embedq.errors import UnknownModelError
 from embedq.inputs import task_items
 from embedq.keys import stats_key
 from embedq.ops.heartbeat import read_heartbeats
+from embedq.ops.registry import listed_models
 from embedq.ops.slo import Tally
 from embedq.settings import get_settings
 
@@ -235,14 +236,17 @@ class Router:
     def _current(self) -> dict[str, QueueState]:
         return self._refresh()[0]
 
-    def heartbeats(self) -> dict[str, list[dict[str, Any]]]:
+    def heartbeats(self, fresh: bool = False) -> dict[str, list[dict[str, Any]]]:
         """Live workers per queue, as last read (at most once a second, shared with the
-        queue states: one registry read serves routing and the model filter)."""
-        return self._refresh()[1]
+        queue states: one registry read serves routing, the model filter and the API);
+        ``fresh``: read now."""
+        return self._refresh(fresh)[1]
 
-    def _refresh(self) -> tuple[dict[str, QueueState], dict[str, list[dict[str, Any]]]]:
+    def _refresh(
+        self, fresh: bool = False
+    ) -> tuple[dict[str, QueueState], dict[str, list[dict[str, Any]]]]:
         with self._lock:
-            if time.monotonic() - self._read_at >= CACHE_S:
+            if fresh or time.monotonic() - self._read_at >= CACHE_S:
                 client = shared_client()
                 self._beats = read_heartbeats(client)
                 self._states = read_states(client, self._beats)
@@ -274,13 +278,6 @@ def task_model(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str 
     if model is None and len(args or ()) > position:
         model = args[position]
     return model if isinstance(model, str) else None
-
-
-def listed_models(beat: dict[str, Any]) -> list[dict[str, Any]]:
-    """The models a heartbeat lists (a worker too old to list them serves its ``model``)."""
-    if models := beat.get("models"):
-        return list(models)
-    return [{"name": beat.get("model"), "model_id": beat.get("model_id")}]
 
 
 def serving_queues(beats: dict[str, list[dict[str, Any]]], model: str) -> set[str]:

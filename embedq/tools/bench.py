@@ -38,7 +38,7 @@ from embedq.broker.client import connect
 from embedq.broker.results import get_result
 from embedq.errors import ConfigurationError
 from embedq.tools.interactive import percentiles_ms
-from embedq.tools.procs import worker
+from embedq.tools.procs import wait_ready, worker
 
 DATASETS = ("sick", "pydoc", "mixed")
 DEVICE_QUEUES = {"cpu": "cpu", "cuda": "gpu"}
@@ -213,7 +213,7 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
     flush = connect(opts.redis_url).flushdb
     flush()
     env = {"EMBEDQ_REDIS_URL": opts.redis_url, "EMBEDQ_LRU_ITEMS": "1", "EMBEDQ_DEVICE": device}
-    with worker(queue, env, stop_timeout_s=120):
+    with worker(queue, env, stop_timeout_s=120) as proc:
         get_result(embed_texts_async(["warm-up"], queue), WORKER_START_TIMEOUT_S)
         piped, budgets = {}, {}
         for name, texts in data.items():
@@ -222,7 +222,7 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
         lat = pipeline_latency(one_by_one, queue)
         flush()
         # The flush removed the worker's heartbeat: the API needs it back first.
-        worker_budget(opts.redis_url, queue)
+        wait_ready([proc], opts.redis_url, queue)
         rows = interactive_rows(device, queue, opts, inter_texts, raw_inter)
     table_rows = [_row(device, name, len(data[name]), raw[name], piped[name]) for name in data]
     for row in table_rows:
