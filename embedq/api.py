@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -44,6 +44,7 @@ from embedq.errors import (
     BrokerUnavailableError,
     CollectionModelError,
     ConfigurationError,
+    DeadlineExceededError,
     EmbedqError,
     InvalidInputError,
     TooManyTextsError,
@@ -80,6 +81,7 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (redis.ConnectionError, 503),
     (redis.exceptions.OutOfMemoryError, 503),
     (CeleryTimeout, 504),
+    (DeadlineExceededError, 504),
     (EmbedqError, 502),
 ]
 
@@ -96,6 +98,11 @@ class EmbedBody(BaseModel):
     normalize: bool = True
     model: str | None = None
     queue: Literal["cpu", "gpu"] | None = Field(None, description="Default: the router picks.")
+    traffic: Literal["interactive", "bulk"] | None = Field(
+        None,
+        description="Traffic class (also the X-Embedq-Traffic header). Default: interactive, "
+        "bulk for more than EMBEDQ_INTERACTIVE_MAX_TEXTS texts.",
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ class Job:
     normalize: bool = True
     queue: str | None = None
     tokens: bool = False
+    #: Traffic class named by the caller (None: by size); the API key's bulk is one job.
+    traffic: str | None = None
 
 
 class EmbedResponse(BaseModel):
@@ -259,12 +268,15 @@ class Service:
             beats = router_state.heartbeats(fresh=True)
         return [w for workers in beats.values() for w in workers]
 
-    def send(self, job: Job, task_id: str) -> Any:
+    def send(self, job: Job, task_id: str, key_id: str = "anonymous") -> Any:
         """Check that a worker lives, then enqueue ``job`` as ``task_id``; its AsyncResult."""
         from embedq.tasks import embed_texts
 
         self.require_worker()
-        options = {"queue": job.queue} if job.queue else {}
+        options: dict[str, Any] = {"queue": job.queue} if job.queue else {}
+        # Nobody waits past the API's timeout: a worker drops the task unencoded then.
+        options |= {"traffic": job.traffic, "deadline_s": self.settings.api_timeout_s}
+        options["job"] = job_of(key_id)
         args = (job.texts, job.model, job.normalize)
         send = functools.partial(embed_texts.apply_async, args, task_id=task_id, **options)
         try:
@@ -279,7 +291,7 @@ class Service:
         (``job.tokens``) the token count, in one hop off the event loop, not one each."""
         self.limit_rate(key_id)
         with waited_by_listener():
-            self.send(job, task_id)
+            self.send(job, task_id, key_id)
         return self.count_tokens(job.texts, job.model) if job.tokens else None
 
     async def embed_async(self, key_id: str, job: Job) -> tuple[Any, int | None]:
@@ -343,13 +355,22 @@ async def key_of(service: ServiceDep, credentials: Credentials) -> str:
 
 router = APIRouter()
 Authorized = Depends(caller)
+TrafficHeader = Annotated[
+    Literal["interactive", "bulk"] | None,
+    Header(
+        alias="X-Embedq-Traffic",
+        description="Traffic class: interactive (served first) or bulk (default: by size).",
+    ),
+]
 KeyId = Annotated[str, Depends(key_of)]
 
 
 @router.post("/embed", response_model=EmbedResponse)
-async def embed(body: EmbedBody, service: ServiceDep, key_id: KeyId) -> Response:
+async def embed(
+    body: EmbedBody, service: ServiceDep, key_id: KeyId, traffic: TrafficHeader = None
+) -> Response:
     """Embed ``texts``; vectors in input order."""
-    job = Job(body.texts, body.model, body.normalize, body.queue)
+    job = Job(body.texts, body.model, body.normalize, body.queue, traffic=body.traffic or traffic)
     vectors, _ = await service.embed_async(key_id, job)
     return _json(
         {
@@ -362,10 +383,13 @@ async def embed(body: EmbedBody, service: ServiceDep, key_id: KeyId) -> Response
 
 
 @router.post("/v1/embeddings")
-async def openai_embeddings(body: OpenAIBody, service: ServiceDep, key_id: KeyId) -> Response:
+async def openai_embeddings(
+    body: OpenAIBody, service: ServiceDep, key_id: KeyId, traffic: TrafficHeader = None
+) -> Response:
     """OpenAI-compatible embeddings (``encoding_format`` float or base64)."""
     texts = [body.input] if isinstance(body.input, str) else body.input
-    found, tokens = await service.embed_async(key_id, Job(texts, body.model, tokens=True))
+    job = Job(texts, body.model, tokens=True, traffic=traffic)
+    found, tokens = await service.embed_async(key_id, job)
     vectors = np.asarray(found, np.float32)
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise ApiError(
@@ -456,6 +480,11 @@ def served_models(beats: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry = {k: model.get(k) for k in ("name", "model_id", "dim")}
             found.setdefault((str(entry["name"]), str(entry["model_id"])), entry)
     return [found[key] for key in sorted(found)]
+
+
+def job_of(key_id: str) -> str:
+    """The bulk job an API key's requests form: keys share bulk capacity in turn."""
+    return f"api:{key_id}"
 
 
 def _tokenizer_name(model: str | None, settings: Settings) -> str:

@@ -15,6 +15,7 @@ from kombu import Queue
 from embedq import codec
 from embedq.broker.results import register_backend
 from embedq.broker.tls import connection_tls
+from embedq.broker.traffic import REDIS_PRIORITY_STEPS
 from embedq.broker.transport import register_transport
 from embedq.broker.url import redis_url
 from embedq.settings import QUEUES, get_settings
@@ -45,9 +46,9 @@ def broker_transport_options(restore_s: int) -> dict[str, Any]:
         # A worker killed inside a sweep leaves the sweep's lock behind: kombu's 300 s
         # default would hold every restore back that long.
         "unacked_mutex_expire": max(5, restore_s // 2),
-        # One Redis list per queue (embedq sets no priorities), so a worker can take a message
-        # atomically into its landing list (embedq.broker.landing) instead of BRPOP's four.
-        "priority_steps": [0],
+        # Two Redis lists per queue, one per traffic class (embedq.broker.traffic); workers
+        # take from them interactive first (embedq.broker.fetch).
+        "priority_steps": REDIS_PRIORITY_STEPS,
     }
 
 

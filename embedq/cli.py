@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from embedq.broker.traffic import Traffic
 from embedq.settings import QUEUES
 
 cli = typer.Typer(help="embedq: asynchronous text embeddings at any scale.", no_args_is_help=True)
@@ -85,11 +86,16 @@ def embed(
     model: str | None = typer.Option(
         None, envvar="EMBEDQ_EMBED_MODEL", help="Model name (default: the workers' first)."
     ),
+    traffic: Traffic | None = typer.Option(
+        None,
+        envvar="EMBEDQ_EMBED_TRAFFIC",
+        help="interactive or bulk (default: by the number of texts).",
+    ),
 ) -> None:
     """Embed TEXTS through the queue and print the vectors as JSON lines."""
     from embedq.producer import embed as embed_many
 
-    vectors = embed_many(texts, queue=queue, timeout_s=timeout_s, model=model)
+    vectors = embed_many(texts, queue=queue, timeout_s=timeout_s, model=model, traffic=traffic)
     for i, vector in enumerate(vectors):
         shown = vector.tolist() if full else [round(float(x), 4) for x in vector[:8]]
         line = {"index": i, "dim": int(vector.shape[0]), "truncated": i in vectors.truncated}
@@ -125,6 +131,11 @@ def ingest(
     as_json: bool = typer.Option(
         False, "--json", envvar="EMBEDQ_JSON", help="Print the summary as JSON."
     ),
+    traffic: Traffic = typer.Option(
+        Traffic.BULK,
+        envvar="EMBEDQ_INGEST_TRAFFIC",
+        help="bulk (the default: applications' interactive calls go first) or interactive.",
+    ),
 ) -> None:
     """Embed and store every document of PATH; a rerun skips what is already stored."""
     from embedq.producer.bulk import ingest as run_ingest
@@ -145,6 +156,7 @@ def ingest(
             overlap=overlap,
             on_progress=on_progress,
             model=model,
+            traffic=traffic,
         )
     _report_ingest(summary, as_json, quiet)
 

@@ -75,6 +75,11 @@ class IndexIntegrityError(EmbedqError):
     """A published index whose bytes do not match its sha256 or its layout: not loaded."""
 
 
+class DeadlineExceededError(EmbedqError):
+    """The caller's deadline passed before the work was done (its task was waiting for a
+    worker, or its texts for the encoder): dropped unencoded, since nobody waits for it."""
+
+
 class PoisonTaskError(EmbedqError):
     """A task whose workers died running it ``EMBEDQ_TASK_MAX_DELIVERIES`` times: not retried."""
 

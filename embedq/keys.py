@@ -96,3 +96,22 @@ def landing_key(queue: str, channel_id: str) -> str:
     """List where a message one worker channel fetched from ``queue`` waits until kombu has
     recorded it in ``unacked`` (see :mod:`embedq.broker.landing`)."""
     return f"{LANDING_PREFIX}:{queue}:{channel_id}"
+
+
+# Bells: producers push a token with every task message, so a worker blocked on the bells
+# of its queues wakes whichever of a queue's lists (classes) the message went to.
+BELL_PREFIX = f"{PREFIX}:bell"
+# Tokens a bell keeps, at most: that many blocked workers wake for a burst.
+BELL_TOKENS = 64
+# A worker's own bell outlives its worker by this much at most.
+OWN_BELL_TTL_MS = 60_000
+
+
+def bell_key(queue: str) -> str:
+    """The bell of ``queue`` (a list of at most ``BELL_TOKENS`` tokens)."""
+    return f"{BELL_PREFIX}:{queue}"
+
+
+def own_bell_key(channel_id: str) -> str:
+    """A worker channel's own bell, rung when it finishes a bulk task (expires)."""
+    return f"{BELL_PREFIX}:own:{channel_id}"

@@ -124,6 +124,45 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         32, description="Tasks a worker runs at once (threads feeding one batcher)."
     )
+    interactive_max_texts: int = Field(
+        256,
+        ge=1,
+        description="A request of more texts than this is bulk traffic unless its caller "
+        "names a class (embedq.broker.traffic).",
+    )
+    interactive_deadline_s: float = Field(
+        300.0,
+        ge=0.0,
+        description="Deadline of an interactive task whose caller gives none: a worker drops "
+        "it, unencoded, once this has passed since it was sent (0: none). The HTTP API and "
+        "embedq.producer.embed use their own timeouts.",
+    )
+    bulk_max_tasks: int | None = Field(
+        None,
+        ge=1,
+        description="Bulk tasks one worker holds at once, at most, so its other threads stay "
+        "free for interactive ones; unset: half of EMBEDQ_WORKER_CONCURRENCY.",
+    )
+    bulk_min_tasks: int = Field(
+        2,
+        ge=0,
+        description="Bulk tasks a worker takes even ahead of waiting interactive ones while "
+        "it holds fewer: bulk never starves under sustained interactive load.",
+    )
+    bulk_min_share: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share of the encoder's tokens that waiting bulk texts get at least, "
+        "however much interactive traffic waits.",
+    )
+    interactive_batch_ms: float = Field(
+        25.0,
+        gt=0.0,
+        description="While interactive traffic is present, a batch holding bulk texts is cut "
+        "to about this much encoding time (from the measured tokens/s), so an interactive "
+        "text waits at most one short batch.",
+    )
     task_soft_time_limit_s: int = Field(300, description="Soft time limit of one task.")
     task_time_limit_s: int = Field(360, description="Hard time limit of one task.")
     index_rebuild_s: int = Field(
@@ -209,6 +248,12 @@ class Settings(BaseSettings):
     def learns_batch_budget(self) -> bool:
         """Whether workers learn their token budget: asked for, and no fixed budget set."""
         return self.adaptive_batch and not self.max_batch_tokens
+
+    @property
+    def bulk_task_cap(self) -> int:
+        """Bulk tasks one worker holds at once (``EMBEDQ_BULK_MAX_TASKS``, else half its
+        threads, at least one)."""
+        return self.bulk_max_tasks or max(1, self.worker_concurrency // 2)
 
 
 def split_models(text: str | None) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from embedq.encode.base import Tokenized
 from embedq.keys import content_hash
 from embedq.store.base import Item
 from embedq.store.factory import create_store
@@ -407,3 +408,56 @@ def items_of(collection: str, vectors: np.ndarray, prefix: str = "id") -> list[I
         )
         for i, v in enumerate(vectors)
     ]
+
+
+class FakeEncoder:
+    """Vector = [first token id, length]; fails like a real one would when told to."""
+
+    dim = 2
+    model_id = "fake@0"
+    device = "cpu"
+    max_seq_tokens = 512
+    max_batch_tokens = 1024
+    max_fit_tokens = 4096
+
+    def __init__(self, oom_above: int = 10**9, poison: int | None = None) -> None:
+        self.oom_above = oom_above
+        self.poison = poison
+        self.batch_sizes: list[int] = []
+
+    def tokenize(self, texts: list[str]) -> Tokenized:
+        ids = [[int(t.split()[0])] * len(t.split()) for t in texts]
+        return Tokenized(ids, np.array([len(x) > 3 for x in ids], dtype=bool))
+
+    def embed_ids(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
+        if len(ids) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any(x[0] == self.poison for x in ids):
+            raise ValueError("poisoned text")
+        self.batch_sizes.append(len(ids))
+        return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
+
+    def launch(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
+        return self.embed_ids(ids, normalize)
+
+    def fetch(self, handle: np.ndarray) -> np.ndarray:
+        return handle
+
+
+class FakeAsyncEncoder(FakeEncoder):
+    """Like a cuda encoder: ``launch`` returns at once, the work (and its errors) comes at
+    ``fetch``; the log shows the overlap."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.log: list[str] = []
+
+    def launch(self, ids: list[list[int]], normalize: bool) -> list[list[int]]:
+        if len(ids) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.log.append(f"launch {ids[0][0]}")
+        return ids
+
+    def fetch(self, handle: list[list[int]]) -> np.ndarray:
+        self.log.append(f"fetch {handle[0][0]}")
+        return self.embed_ids(handle, True)

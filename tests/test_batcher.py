@@ -11,7 +11,7 @@ from embedq.encode.base import Tokenized
 from embedq.errors import EncoderError
 from embedq.worker.batcher import Batcher, encode_all, pack
 from embedq.worker.cache import pack_vector, unpack_vector
-from tests.helpers import DictCache
+from tests.helpers import DictCache, FakeAsyncEncoder, FakeEncoder
 
 
 def test_pack_puts_every_position_in_exactly_one_batch():
@@ -41,59 +41,6 @@ def test_pack_gives_an_oversized_text_its_own_batch():
 
 def test_pack_of_nothing_is_no_batches():
     assert pack(np.array([], dtype=np.int64), 512, 8) == []
-
-
-class FakeEncoder:
-    """Vector = [first token id, length]; fails like a real one would when told to."""
-
-    dim = 2
-    model_id = "fake@0"
-    device = "cpu"
-    max_seq_tokens = 512
-    max_batch_tokens = 1024
-    max_fit_tokens = 4096
-
-    def __init__(self, oom_above: int = 10**9, poison: int | None = None) -> None:
-        self.oom_above = oom_above
-        self.poison = poison
-        self.batch_sizes: list[int] = []
-
-    def tokenize(self, texts: list[str]) -> Tokenized:
-        ids = [[int(t.split()[0])] * len(t.split()) for t in texts]
-        return Tokenized(ids, np.array([len(x) > 3 for x in ids], dtype=bool))
-
-    def embed_ids(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
-        if len(ids) > self.oom_above:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if any(x[0] == self.poison for x in ids):
-            raise ValueError("poisoned text")
-        self.batch_sizes.append(len(ids))
-        return np.array([[x[0], len(x)] for x in ids], dtype=np.float32)
-
-    def launch(self, ids: list[list[int]], normalize: bool) -> np.ndarray:
-        return self.embed_ids(ids, normalize)
-
-    def fetch(self, handle: np.ndarray) -> np.ndarray:
-        return handle
-
-
-class FakeAsyncEncoder(FakeEncoder):
-    """Like a cuda encoder: ``launch`` returns at once, the work (and its errors) comes at
-    ``fetch``; the log shows the overlap."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.log: list[str] = []
-
-    def launch(self, ids: list[list[int]], normalize: bool) -> list[list[int]]:
-        if len(ids) > self.oom_above:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        self.log.append(f"launch {ids[0][0]}")
-        return ids
-
-    def fetch(self, handle: list[list[int]]) -> np.ndarray:
-        self.log.append(f"fetch {handle[0][0]}")
-        return self.embed_ids(handle, True)
 
 
 def _tok(n: int) -> Tokenized:

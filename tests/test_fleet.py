@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from embedq.broker.client import connect
-from embedq.broker.landing import fetch_plan, queue_of
+from embedq.broker.fetch import fetch_order
+from embedq.broker.landing import queue_of
 from embedq.keys import LANDING_PREFIX
 from embedq.ops.heartbeat import read_heartbeats
 from embedq.ops.status import build_report, render
@@ -42,20 +43,25 @@ print(json.dumps(dict(router.decisions)))
 """
 
 
+B = "\x06\x169"  # kombu's name suffix of a queue's bulk list (embedq.broker.traffic)
+
+
 @pytest.mark.parametrize(
-    ("queues", "plan"),
+    ("queues", "held", "order"),
     [
-        (["cpu"], ("cpu", True)),
-        # A device worker: wait on its own queue, only peek at the shared one.
-        (["gpu.gpu-0@h", "gpu"], ("gpu.gpu-0@h", True)),
-        (["gpu", "gpu.gpu-0@h"], ("gpu", False)),
-        # Two unrelated queues (the test suite's worker): kombu's BRPOP.
-        (["cpu", "gpu"], None),
-        (["gpu", "gpu.gpu-0@h", "cpu"], None),
+        # Bulk first while the worker holds fewer than EMBEDQ_BULK_MIN_TASKS (2) bulk tasks.
+        (["cpu"], 0, [f"cpu{B}", "cpu"]),
+        (["cpu"], 2, ["cpu", f"cpu{B}"]),
+        # At EMBEDQ_BULK_MAX_TASKS (16) no bulk list at all: threads stay for interactive.
+        (["cpu"], 16, ["cpu"]),
+        # A device worker: its own queue before the shared one, in each class.
+        (["gpu", "gpu.gpu-0@h"], 5, ["gpu.gpu-0@h", "gpu", f"gpu.gpu-0@h{B}", f"gpu{B}"]),
+        # The test suite's worker: two unrelated queues.
+        (["cpu", "gpu"], 16, ["cpu", "gpu"]),
     ],
 )
-def test_fetch_plan(queues, plan):
-    assert fetch_plan(queues) == plan
+def test_fetch_order(queues, held, order):
+    assert fetch_order(queues, held, bulk_min=2, bulk_max=16) == order
 
 
 def _beats(client) -> dict[str, dict]:

@@ -9,6 +9,7 @@ import pytest
 from embedq.broker.client import client_url
 from embedq.keys import HEARTBEAT_EXPIRY_KEY, heartbeat_member
 from embedq.ops.heartbeat import TTL_S, Heartbeat, read_heartbeats
+from embedq.ops.registry import PRIOR_TEXTS_PER_S
 from embedq.producer import router
 from embedq.producer.router import QueueState, decide, read_states
 from embedq.tasks import embed_texts
@@ -187,7 +188,7 @@ def test_direct_queues_in_simulated_heartbeats(other_db, runtime):
     other_db.rpush("gpu", "task-3")
     state = read_states(other_db)["gpu"]
     assert state.workers == 3 and state.depth == 3 and state.cost_per_hour == 5.0
-    cpu_speed = router.PRIOR_TEXTS_PER_S["cpu"]
+    cpu_speed = PRIOR_TEXTS_PER_S["cpu"]
     assert set(state.lanes) == {
         router.Lane(A, cpu_speed, 2),
         router.Lane(B, cpu_speed, 0),

@@ -1,5 +1,6 @@
-"""kombu's Redis transport with two fixes: a closed channel fails as a connection error,
-and a full Redis (maxmemory, noeviction) is waited out instead of killing the worker."""
+"""kombu's Redis transport with two fixes (a closed channel fails as a connection error, and
+a full Redis (maxmemory, noeviction) is waited out instead of killing the worker) and
+embedq's fetch: by traffic class, into landing lists, woken by bells (:mod:`.fetch`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
 from embedq.broker.client import describe, is_redis_full, throttled_warning, wait_while_full
-from embedq.broker.landing import ReliableFetch
+from embedq.broker.fetch import ClassedFetch, message_class, ring, ring_own
+from embedq.broker.traffic import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,17 @@ class _QoS(kombu_redis.QoS):
         # kombu acks in MULTI/EXEC, and a full Redis refuses every command queued in MULTI,
         # even deletions: acks would fail exactly when freeing memory matters. The same two
         # deletions as a plain pipeline go through (and free the message's unacked entry).
+        message = self._delivered.get(delivery_tag)
         with self.channel.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
             pipe.zrem(self.unacked_index_key, delivery_tag)
             pipe.hdel(self.unacked_key, delivery_tag)
-            pipe.execute()
+            # A bulk slot frees: wake this channel if it waits on its bells (see .fetch).
+            if message is not None and message_class(message) is Traffic.BULK:
+                ring_own(pipe, self.channel.own_bell)
+            # The bell's tokens only wake: a full Redis refusing them loses nothing.
+            results = pipe.execute(raise_on_error=False)
+        _raise_first(results[:2])
         virtual.QoS.ack(self, delivery_tag)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
@@ -49,8 +57,30 @@ class _QoS(kombu_redis.QoS):
             return None
 
 
-class _RedisChannel(ReliableFetch, kombu_redis.Channel):
+def _raise_first(results: list[Any]) -> None:
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+
+
+class _RedisChannel(ClassedFetch, kombu_redis.Channel):
     QoS = _QoS
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """Push the message onto its class's list and ring the queue's bell, in one round
+        trip (kombu's own path for batches and expiring queues, which ring no bell: their
+        messages are found within a second)."""
+        if kwargs.get("_publish_batch") is not None or (self._expires and queue in self._expires):
+            super()._put(queue, message, **kwargs)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.lpush(key, kombu_redis.dumps(message))
+            ring(pipe, queue)
+            # Only the message's push counts: a full Redis refusing the bell loses nothing,
+            # and raising then would make the caller send the message twice.
+            _raise_first(pipe.execute(raise_on_error=False)[:1])
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

@@ -29,6 +29,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
 from embedq.keys import stats_key
+from embedq.ops.backlog import figures, read_counts
 from embedq.ops.cost import cost_family, cost_report
 from embedq.ops.registry import read_depths, read_heartbeats
 from embedq.ops.slo import evaluate, read_usage
@@ -83,6 +84,17 @@ BATCH_BUDGET = Gauge(
     ["model"],
     multiprocess_mode="max",
 )
+TASK_WAIT = Histogram(
+    "embedq_task_wait_seconds",
+    "Time from publish to start of a task, by queue and traffic class",
+    ["queue", "class"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+TASKS_EXPIRED = Counter(
+    "embedq_tasks_expired",
+    "Tasks dropped unencoded because their caller's deadline passed, by queue and class",
+    ["queue", "class"],
+)
 WORKER_INFO = Gauge(
     "embedq_worker_info",
     "1 per worker process, naming it; join on instance for per-queue and per-worker figures",
@@ -119,12 +131,20 @@ class RedisCollector(Collector):
     def _queues(self, beats: dict[str, list[dict[str, Any]]]) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "embedq_queue_depth",
-            "Tasks waiting per queue (its workers' own queues included)",
-            labels=["queue"],
+            "Tasks waiting per queue and traffic class (its workers' own queues included)",
+            labels=["queue", "class"],
         )
-        for queue, count in read_depths(self.client, beats).items():
-            depth.add_metric([queue], count)
-        yield depth
+        backlog = GaugeMetricFamily(
+            "embedq_backlog_seconds",
+            "Seconds the live workers need for what waits ahead of a queue's next task of "
+            "each class (an autoscaling signal)",
+            labels=["queue", "class"],
+        )
+        depths = read_depths(self.client, beats)
+        for row in figures(depths, beats, read_counts(self.client)):
+            depth.add_metric([row.queue, row.traffic], row.depth)
+            backlog.add_metric([row.queue, row.traffic], row.backlog_s)
+        yield from (depth, backlog)
         # INFO directly: broker.client imports this module (read_memory would be a circle).
         info = self.client.info("memory")
         yield GaugeMetricFamily(

@@ -14,8 +14,14 @@ from typing import Any
 
 import redis
 
+from embedq.broker.traffic import CLASSES, redis_list
 from embedq.keys import HEARTBEAT_EXPIRY_KEY, HEARTBEATS_KEY, heartbeat_owner
 from embedq.settings import QUEUES
+
+# Until a worker has measured itself: rough texts/s by device (all-MiniLM-L6-v2 class models).
+PRIOR_TEXTS_PER_S = {"cuda": 3000.0, "mps": 500.0, "cpu": 100.0}
+# The device a queue's workers usually have, for a queue without live workers.
+QUEUE_DEVICE = {"cpu": "cpu", "gpu": "cuda"}
 
 NOW_LUA = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 
@@ -67,19 +73,32 @@ def live_hostnames(client: redis.Redis) -> set[str]:
     return {beat["hostname"] for beats in read_heartbeats(client).values() for beat in beats}
 
 
-def read_depths(client: redis.Redis, workers: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
-    """Tasks waiting per queue, its workers' own queues included (one pipeline); each
-    worker with an own queue gets its backlog as ``own_queue_depth``."""
-    own = [b for beats in workers.values() for b in beats if b.get("direct_queue")]
+def read_lists(client: redis.Redis, queues: list[str]) -> dict[str, dict[str, int]]:
+    """Tasks waiting in each of ``queues``, per traffic class (its Redis lists, one
+    pipeline for all)."""
     pipe = client.pipeline(transaction=False)
-    for name in [*QUEUES, *(b["direct_queue"] for b in own)]:
-        pipe.llen(name)
-    counts = [int(n) for n in pipe.execute()]
-    depths = dict(zip(QUEUES, counts, strict=False))
-    for beat, count in zip(own, counts[len(QUEUES) :], strict=True):
-        beat["own_queue_depth"] = count
+    for queue in queues:
+        for traffic in CLASSES:
+            pipe.llen(redis_list(queue, traffic))
+    counts = iter(int(n) for n in pipe.execute())
+    return {queue: {str(t): next(counts) for t in CLASSES} for queue in queues}
+
+
+def read_depths(
+    client: redis.Redis, workers: dict[str, list[dict[str, Any]]]
+) -> dict[str, dict[str, int]]:
+    """Tasks waiting per queue and traffic class, its workers' own queues included (one
+    pipeline); each worker with an own queue gets its backlog as ``own_queue_depth``."""
+    own = [b for beats in workers.values() for b in beats if b.get("direct_queue")]
+    found = read_lists(client, [*QUEUES, *(b["direct_queue"] for b in own)])
+    depths = {queue: dict(found[queue]) for queue in QUEUES}
+    for beat in own:
+        beat["own_queue_depth"] = sum(found[beat["direct_queue"]].values())
     for queue, beats in workers.items():
-        depths[queue] = depths.get(queue, 0) + sum(b.get("own_queue_depth", 0) for b in beats)
+        total = depths.setdefault(queue, dict.fromkeys(map(str, CLASSES), 0))
+        for beat in beats:
+            for traffic, count in found.get(beat.get("direct_queue") or "", {}).items():
+                total[traffic] += count
     return depths
 
 
@@ -88,3 +107,14 @@ def listed_models(beat: dict[str, Any]) -> list[dict[str, Any]]:
     if models := beat.get("models"):
         return list(models)
     return [{"name": beat.get("model"), "model_id": beat.get("model_id")}]
+
+
+def worker_speed(beat: dict[str, Any]) -> float:
+    """A worker's measured texts/s, or its device's prior until it has measured itself."""
+    return beat.get("texts_per_s") or PRIOR_TEXTS_PER_S.get(beat.get("device", "cpu"), 100.0)
+
+
+def queue_speed(queue: str, beats: list[dict[str, Any]]) -> float:
+    """Texts/s of a queue's live workers; with none, one worker's prior for that queue."""
+    prior = PRIOR_TEXTS_PER_S[QUEUE_DEVICE.get(queue, "cpu")]
+    return sum(worker_speed(b) for b in beats) or prior

@@ -10,6 +10,7 @@ import redis
 
 from embedq.broker.client import FULL_SHARE, check_eviction_policy, read_memory
 from embedq.errors import StoreError
+from embedq.ops.backlog import figures, read_counts
 from embedq.ops.cost import cost_report
 from embedq.ops.heartbeat import read_expired_heartbeats, read_heartbeats
 from embedq.ops.registry import listed_models, read_depths
@@ -43,6 +44,8 @@ class Report:
     costs: dict[str, Any] = field(default_factory=dict)
     #: Tasks waiting on the direct queue of a worker that stopped beating, per queue.
     stranded: dict[str, int] = field(default_factory=dict)
+    #: Per queue and traffic class: depth, backlog seconds, waits (see ops.backlog).
+    traffic: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -105,7 +108,8 @@ def read_redis(client: redis.Redis) -> dict[str, Any]:
 def build_report(client: redis.Redis, store: Store | None, settings: Settings) -> Report:
     """Read heartbeats, queues, counters and the store into one report with alerts."""
     workers = read_workers(client)
-    depths = read_depths(client, workers)
+    by_class = read_depths(client, workers)
+    depths = {queue: sum(counts.values()) for queue, counts in by_class.items()}
     now = datetime.now(UTC).timestamp()
     last = read_usage(client, 60, now - 60)
     usage = read_usage(client, settings.slo_window_s, now)
@@ -127,6 +131,7 @@ def build_report(client: redis.Redis, store: Store | None, settings: Settings) -
         redis=read_redis(client),
         costs=cost_report(workers),
         stranded=read_stranded(client, workers),
+        traffic=[row.as_dict() for row in figures(by_class, workers, read_counts(client))],
     )
     report.alerts = alerts(report, settings, store_error)
     if warning := check_eviction_policy(client):
@@ -210,6 +215,7 @@ def render(report: Report) -> str:
             lines.append(f"    {b['hostname']} ({b['device']}, {models}) {speed}{port}{price}")
     depths = ", ".join(f"{q} {d}" for q, d in report.queue_depths.items())
     lines.append(f"queues: {depths}")
+    lines.extend(render_traffic(report.traffic))
     lines.extend(render_costs(report.costs))
     if memory := report.redis:
         cap = f"of {memory['maxmemory_mb']} MB" if memory.get("maxmemory_mb") else "(no maxmemory)"
@@ -255,3 +261,16 @@ def render_costs(costs: dict[str, Any]) -> list[str]:
     if not queues:
         return ["cost: - (set EMBEDQ_COST_PER_HOUR on workers)"]
     return ["cost:"] + [f"  {queue}: {_price(cost)[2:]}" for queue, cost in sorted(queues.items())]
+
+
+def render_traffic(rows: list[dict[str, Any]]) -> list[str]:
+    """Per queue and class: waiting tasks, backlog seconds, waits p50/p99 (last 5 min)."""
+    lines = ["traffic (last 5 min):"]
+    for r in rows:
+        waits = "-" if r["wait_p50_s"] is None else f"{r['wait_p50_s']:g}/{r['wait_p99_s']:g} s"
+        expired = f", {r['expired']} expired" if r["expired"] else ""
+        lines.append(
+            f"  {r['queue']} {r['traffic']}: {r['depth']} waiting, backlog {r['backlog_s']:g} s, "
+            f"waited p50/p99 {waits}, {r['done']} done{expired}"
+        )
+    return lines

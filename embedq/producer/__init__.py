@@ -14,6 +14,7 @@ import numpy as np
 
 from embedq.broker.client import wait_while_full
 from embedq.broker.results import forgetting, get_result
+from embedq.broker.traffic import choose, new_job
 from embedq.codec import Embeddings
 from embedq.settings import get_settings
 
@@ -26,16 +27,24 @@ def embed(
     collection: str | None = None,
     queue: str | None = None,
     timeout_s: float = 60.0,
+    traffic: str | None = None,
 ) -> Embeddings:
     """Embed any number of texts: split into tasks of at most ``max_texts_per_task``, wait.
 
     Returns one array in input order; ``truncated`` positions refer to ``texts``. A full
-    Redis is waited out within ``timeout_s``; results are forgotten once read.
+    Redis is waited out within ``timeout_s``; results are forgotten once read. ``traffic``:
+    ``interactive`` or ``bulk`` (default: bulk for more than ``EMBEDQ_INTERACTIVE_MAX_TEXTS``
+    texts); the call's tasks are one job, with ``timeout_s`` as their deadline.
     """
     from embedq.tasks import embed_texts
 
     size = get_settings().max_texts_per_task
-    options = {"queue": queue} if queue else {}
+    options: dict[str, object] = {"queue": queue} if queue else {}
+    options |= {
+        "traffic": choose(traffic, None, len(texts)),
+        "job": new_job(),
+        "deadline_s": timeout_s,
+    }
     kwargs = {"model": model, "normalize": normalize, "collection": collection}
     deadline = time.monotonic() + timeout_s
     pending: list[Any] = []

@@ -23,6 +23,7 @@ from embedq.broker.client import (
     wait_while_full,
 )
 from embedq.broker.results import get_and_forget
+from embedq.broker.traffic import new_job
 from embedq.errors import InvalidInputError
 from embedq.inputs import parse_documents
 from embedq.producer.chunker import chunk_spans
@@ -168,6 +169,7 @@ def ingest(
     timeout_s: float | None = None,
     on_progress: Callable[[IngestSummary, int], None] | None = None,
     model: str | None = None,
+    traffic: str | None = None,
 ) -> IngestSummary:
     """Ingest ``records`` (Documents, or dicts with id/text and other fields as metadata).
 
@@ -178,12 +180,15 @@ def ingest(
     retries stops the run with ``error`` set. ``timeout_s`` bounds the wait for one task
     (default: three hard time limits, see :func:`task_wait_s`); a task unanswered that long
     is sent once more (``resent``), then its documents are reported failed. ``model``
-    selects one of the workers' models by name (default: their first).
+    selects one of the workers' models by name (default: their first). The run's tasks are
+    one bulk job (``traffic="interactive"`` makes them interactive): two runs share the
+    workers in turn, whatever their sizes.
     """
     timeout_s = timeout_s or task_wait_s()
     summary, started = IngestSummary(), time.perf_counter()
     inflight = InFlight(summary, timeout_s, on_progress)
-    options = {"queue": queue} if queue else {}
+    options: dict[str, Any] = {"queue": queue} if queue else {}
+    options |= {"job": new_job()} | ({"traffic": traffic} if traffic else {})
     try:
         tasks = _tasks(records, summary, chunk_size, chunk_tokens, overlap, model)
         for batch, parents, docs in tasks:

@@ -29,12 +29,13 @@ from typing import Any
 import redis
 
 from embedq.broker.client import shared_client
+from embedq.broker.traffic import Traffic, carried
 from embedq.encode.models import serves
 from embedq.errors import UnknownModelError
 from embedq.inputs import task_items
 from embedq.keys import stats_key
 from embedq.ops.heartbeat import read_heartbeats
-from embedq.ops.registry import listed_models
+from embedq.ops.registry import listed_models, read_lists, worker_speed
 from embedq.ops.slo import Tally
 from embedq.settings import get_settings
 
@@ -42,8 +43,6 @@ log = logging.getLogger(__name__)
 
 ROUTED_TASKS = frozenset({"embedq.embed_texts", "embedq.ingest_documents"})
 LARGE_BATCH_TEXTS = 64
-# Until a worker has measured itself: rough texts/s by device (all-MiniLM-L6-v2 class models).
-PRIOR_TEXTS_PER_S = {"cuda": 3000.0, "mps": 500.0, "cpu": 100.0}
 TEXTS_PER_QUEUED_TASK = 64
 CACHE_S = 1.0
 # Tasks waiting in one worker's direct queue, at most: beyond that the shared queue takes
@@ -80,10 +79,14 @@ class QueueState:
     cost_per_hour: float | None = None
     #: Direct queues of its workers (and the shared queue, when some workers have none).
     lanes: tuple[Lane, ...] = ()
+    #: How many of ``depth`` are bulk tasks (an interactive task is served before them).
+    bulk_depth: int = 0
 
-    def eta_s(self, n_texts: int) -> float:
-        """Expected seconds until ``n_texts`` more texts would be done."""
-        return (self.depth * TEXTS_PER_QUEUED_TASK + n_texts) / max(self.texts_per_s, 1e-6)
+    def eta_s(self, n_texts: int, traffic: Traffic = Traffic.BULK) -> float:
+        """Expected seconds until ``n_texts`` more texts of ``traffic`` would be done (an
+        interactive task waits only for the interactive tasks ahead of it)."""
+        ahead = self.depth - (self.bulk_depth if traffic is Traffic.INTERACTIVE else 0)
+        return (ahead * TEXTS_PER_QUEUED_TASK + n_texts) / max(self.texts_per_s, 1e-6)
 
     @property
     def cost_per_text(self) -> float | None:
@@ -93,21 +96,26 @@ class QueueState:
         return self.cost_per_hour / (max(self.texts_per_s, 1e-6) * 3600)
 
 
-def decide(n_texts: int, states: dict[str, QueueState]) -> tuple[str, str]:
-    """(queue, reason) for ``n_texts`` texts, given the live queues."""
+def decide(
+    n_texts: int, states: dict[str, QueueState], traffic: Traffic = Traffic.BULK
+) -> tuple[str, str]:
+    """(queue, reason) for ``n_texts`` texts of ``traffic``, given the live queues."""
     gpu, cpu = states.get("gpu"), states.get("cpu")
     if gpu is None or gpu.workers == 0:
         return "cpu", "no_gpu_worker"
     if cpu is None or cpu.workers == 0:
         return "gpu", "no_cpu_worker"
-    gpu_eta, cpu_eta = gpu.eta_s(n_texts), cpu.eta_s(n_texts)
+    gpu_eta, cpu_eta = gpu.eta_s(n_texts, traffic), cpu.eta_s(n_texts, traffic)
     if n_texts >= LARGE_BATCH_TEXTS:
         return ("gpu", "large_batch") if gpu_eta <= 2 * cpu_eta else ("cpu", "gpu_backlog")
     return ("gpu", "gpu_sooner") if gpu_eta < cpu_eta else ("cpu", "cpu_sooner")
 
 
 def decide_cheapest(
-    n_texts: int, states: dict[str, QueueState], deadline_s: float
+    n_texts: int,
+    states: dict[str, QueueState],
+    deadline_s: float,
+    traffic: Traffic = Traffic.BULK,
 ) -> tuple[str, str] | None:
     """The cheapest priced queue expected to finish ``n_texts`` within ``deadline_s``."""
     priced = sorted(
@@ -116,18 +124,22 @@ def decide_cheapest(
         if s.workers and s.cost_per_text is not None
     )
     for _, queue in priced:
-        if states[queue].eta_s(n_texts) <= deadline_s:
+        if states[queue].eta_s(n_texts, traffic) <= deadline_s:
             return queue, "cheapest"
     return None
 
 
 def decide_policy(
-    policy: str, n_texts: int, states: dict[str, QueueState], deadline_s: float
+    policy: str,
+    n_texts: int,
+    states: dict[str, QueueState],
+    deadline_s: float,
+    traffic: Traffic = Traffic.BULK,
 ) -> tuple[str, str]:
     """(queue, reason) under ``policy``: cheapest when it finds a queue, else fastest."""
-    if policy == "cheapest" and (found := decide_cheapest(n_texts, states, deadline_s)):
+    if policy == "cheapest" and (found := decide_cheapest(n_texts, states, deadline_s, traffic)):
         return found
-    return decide(n_texts, states)
+    return decide(n_texts, states, traffic)
 
 
 def lane_weights(queue: str, lanes: Iterable[Lane], n_texts: int) -> dict[str, float]:
@@ -153,10 +165,6 @@ def smooth_pick(weights: dict[str, float], current: dict[str, float]) -> str:
     return best
 
 
-def _speed(beat: dict[str, Any]) -> float:
-    return beat["texts_per_s"] or PRIOR_TEXTS_PER_S.get(beat["device"], 100.0)
-
-
 def _price(beats: list[dict[str, Any]]) -> float | None:
     costs = [b.get("cost_per_hour") for b in beats]
     return None if any(c is None for c in costs) else float(sum(costs))  # type: ignore[arg-type]
@@ -165,19 +173,19 @@ def _price(beats: list[dict[str, Any]]) -> float | None:
 def _queue_state(client: redis.Redis, queue: str, beats: list[dict[str, Any]]) -> QueueState:
     """One queue's state: its workers' speed and price, and the depth of each of its lists."""
     direct = [b for b in beats if b.get("direct_queue")]
-    names = [queue, *(b["direct_queue"] for b in direct)]
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.llen(name)
-    depths = dict(zip(names, (int(d) for d in pipe.execute()), strict=True))
+    found = read_lists(client, [queue, *(b["direct_queue"] for b in direct)])
+    depths = {name: sum(counts.values()) for name, counts in found.items()}
     lanes = [
-        Lane(b["direct_queue"], _speed(b), depths[b["direct_queue"]], tuple(listed_models(b)))
+        Lane(b["direct_queue"], worker_speed(b), depths[b["direct_queue"]], tuple(listed_models(b)))
         for b in direct
     ]
-    if lanes and (plain := sum(_speed(b) for b in beats if not b.get("direct_queue"))):
+    if lanes and (plain := sum(worker_speed(b) for b in beats if not b.get("direct_queue"))):
         lanes.append(Lane(queue, plain, depths[queue]))
-    speed = sum(_speed(b) for b in beats)
-    return QueueState(len(beats), speed, sum(depths.values()), _price(beats), tuple(lanes))
+    speed = sum(worker_speed(b) for b in beats)
+    bulk = sum(counts[Traffic.BULK] for counts in found.values())
+    return QueueState(
+        len(beats), speed, sum(depths.values()), _price(beats), tuple(lanes), bulk_depth=bulk
+    )
 
 
 def read_states(
@@ -200,13 +208,16 @@ class Router:
         # Smooth round-robin scores per queue (one entry per lane of that queue).
         self._scores: dict[str, dict[str, float]] = {}
 
-    def choose(self, n_texts: int, model: str | None = None) -> str:
+    def choose(
+        self, n_texts: int, model: str | None = None, traffic: Traffic = Traffic.BULK
+    ) -> str:
         """The queue (or a worker's direct queue) for a request of ``n_texts`` texts."""
         settings = get_settings()
         try:
             states = self._current()
+            deadline_s = settings.router_deadline_ms / 1000
             queue, reason = decide_policy(
-                settings.router_policy, n_texts, states, settings.router_deadline_ms / 1000
+                settings.router_policy, n_texts, states, deadline_s, traffic
             )
         except redis.RedisError as exc:
             log.warning("router could not read heartbeats: %s", exc)
@@ -340,4 +351,4 @@ def route_task(
         queue = next(iter(allowed))
         count(queue, "model")
         return {"queue": router.lane(queue, n_texts, model)}
-    return {"queue": router.choose(n_texts, model)}
+    return {"queue": router.choose(n_texts, model, carried(options) or Traffic.BULK)}

@@ -289,12 +289,16 @@ def get_searcher() -> Searcher:
 
 
 def embed_query(text: str, timeout_s: float = 60.0, model: str | None = None) -> np.ndarray:
-    """The query's vector, through the queue (and so through the cache), by ``model``."""
+    """The query's vector, through the queue (and so through the cache), by ``model``: an
+    interactive task whose deadline is ``timeout_s``."""
     from embedq.tasks import embed_texts
 
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("the query must be a non-empty string")
-    return np.asarray(get_and_forget(embed_texts.delay([text], model=model), timeout_s))[0]
+    sent = embed_texts.apply_async(
+        ([text],), {"model": model}, traffic="interactive", deadline_s=timeout_s
+    )
+    return np.asarray(get_and_forget(sent, timeout_s))[0]
 
 
 def search(

@@ -12,8 +12,17 @@ from celery import Task
 from embedq.app import app
 from embedq.broker.client import incr_with_ttl, shared_client
 from embedq.broker.results import FIRST_RUN
+from embedq.broker.traffic import OPTIONS as TRAFFIC_OPTIONS
+from embedq.broker.traffic import Traffic, carried, choose, stamp, ticket_of
 from embedq.codec import Embeddings
-from embedq.errors import INPUT_ERRORS, EncoderError, InvalidInputError, PoisonTaskError, StoreError
+from embedq.errors import (
+    INPUT_ERRORS,
+    DeadlineExceededError,
+    EncoderError,
+    InvalidInputError,
+    PoisonTaskError,
+    StoreError,
+)
 from embedq.inputs import parse_embed_request, task_items
 from embedq.keys import delivery_key
 from embedq.settings import QUEUES, get_settings
@@ -26,12 +35,17 @@ log = logging.getLogger(__name__)
 RETRIED_ERRORS = (EncoderError, StoreError)
 
 
-def redact(args: Any, kwargs: dict[str, Any] | None) -> tuple[str, str]:
-    """Task args as shown in logs, events and Flower: counts, never document text."""
+def redact(
+    args: Any, kwargs: dict[str, Any] | None, traffic: Traffic | None = None
+) -> tuple[str, str]:
+    """Task args as shown in logs, events and Flower: counts and the traffic class, never
+    document text."""
     items = task_items(args, kwargs)
     count = "?" if items is None else len(items)
     named = [a for a in (args or ()) if isinstance(a, str)]
     shown = {k: v for k, v in (kwargs or {}).items() if k in ("model", "normalize", "collection")}
+    if traffic is not None:
+        shown["traffic"] = traffic.value
     return f"({', '.join(map(repr, [*named, f'<{count} items>']))})", repr(shown)
 
 
@@ -45,6 +59,8 @@ class EmbedTask(Task):
 
     # Results are vectors: logs and Flower get a short preview, not thousands of floats.
     resultrepr_maxsize = 120
+    #: The traffic class of its tasks when the caller names none (None: by size).
+    traffic: Traffic | None = None
     #: Parses the task's arguments on the caller's side; bad input never reaches the queue.
     validate: Callable[..., Any] | None = None
 
@@ -66,9 +82,15 @@ class EmbedTask(Task):
         return super().signature_from_request(request, args, kwargs, queue, **extra)
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        """Validate, then publish with redacted argument reprs (see :func:`redact`)."""
+        """Validate, then publish with its traffic class (``traffic="interactive"|"bulk"``,
+        ``job=``, ``deadline_s=``: see :mod:`embedq.broker.traffic`) and redacted argument
+        reprs (see :func:`redact`)."""
         self._check(args, kwargs)
-        argsrepr, kwargsrepr = redact(args, kwargs)
+        mine = {name: options.pop(name) for name in TRAFFIC_OPTIONS if name in options}
+        items = task_items(args, kwargs) or ()
+        traffic = choose(mine.get("traffic") or carried(options), self.traffic, len(items))
+        stamp(options, traffic, mine.get("job"), mine.get("deadline_s"))
+        argsrepr, kwargsrepr = redact(args, kwargs, traffic)
         options.setdefault("argsrepr", argsrepr)
         options.setdefault("kwargsrepr", kwargsrepr)
         return super().apply_async(args, kwargs, **options)
@@ -121,7 +143,7 @@ def retry_options() -> dict[str, Any]:
     settings = get_settings()
     return {
         "base": EmbedTask,
-        "throws": (*INPUT_ERRORS, PoisonTaskError),
+        "throws": (*INPUT_ERRORS, PoisonTaskError, DeadlineExceededError),
         "autoretry_for": RETRIED_ERRORS,
         "max_retries": settings.task_max_retries,
         "retry_backoff": settings.task_retry_backoff_s,
@@ -145,7 +167,7 @@ def embed_texts(
     ``metadata``) are also upserted into the durable store.
     """
     request = parse_embed_request(texts, model, normalize, collection, ids, metadata)
-    return get_runtime().embed(request)
+    return get_runtime().embed(request, ticket_of(embed_texts.request))
 
 
 embed_texts.validate = parse_embed_request

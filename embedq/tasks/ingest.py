@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from embedq.app import app
+from embedq.broker.traffic import Traffic, ticket_of
 from embedq.inputs import parse_documents
 from embedq.search.build import rebuild_changed
 from embedq.settings import get_settings
@@ -12,7 +13,7 @@ from embedq.tasks.embed import retry_options
 from embedq.worker.runtime import get_runtime
 
 
-@app.task(name="embedq.ingest_documents", **retry_options())
+@app.task(name="embedq.ingest_documents", traffic=Traffic.BULK, **retry_options())
 def ingest_documents(
     collection: str,
     documents: list[dict[str, Any]],
@@ -25,7 +26,7 @@ def ingest_documents(
     set by the producer when it made the task) keeps a redelivered older task from
     replacing what a newer one stored."""
     request = parse_documents(collection, documents, model, version=version)
-    return get_runtime().ingest(request, dict(chunks or {}))
+    return get_runtime().ingest(request, dict(chunks or {}), ticket_of(ingest_documents.request))
 
 
 ingest_documents.validate = parse_documents

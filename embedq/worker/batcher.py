@@ -1,63 +1,57 @@
 """Cross-task batching: requests from many tasks -> token-budget batches -> encoder.
 
-Data flow (as in TEI): tasks ``submit`` texts; one thread collects whatever requests are
-waiting, removes duplicates, answers what the cache has, tokenizes the misses once, sorts
-them by length, packs them into batches whose padded cost (longest x count) fits the token
-budget, encodes, fills the cache, and hands each task its rows in its own order.
+Data flow (as in TEI): tasks ``submit`` texts; one thread admits whatever requests arrived
+(distinct texts only, one cache lookup for all of them, the misses tokenized once, single
+flight leases taken in one pipeline), then encodes one *round* and loops:
+
+- interactive texts waiting: one batch of them, cut to ``EMBEDQ_INTERACTIVE_BATCH_MS``;
+- else bulk texts, jobs in turn: up to ``ROUND_BATCHES`` batches sorted by length (padded
+  cost longest x count within the token budget), stopped between two batches when an
+  interactive request arrives; while interactive traffic is present each batch is cut to
+  ``EMBEDQ_INTERACTIVE_BATCH_MS`` too, so an interactive text waits at most one short batch;
+- bulk below ``EMBEDQ_BULK_MIN_SHARE`` of the tokens lately: one bulk batch first.
+
+After each round the cache is filled (one pipeline) and every request whose texts are all
+done gets its rows in its own order. Requests past their deadline are answered
+``DeadlineExceededError`` and their texts are not encoded for them (:mod:`.pool`).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
+import math
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from dataclasses import dataclass
 
 import numpy as np
 
-from embedq.encode.base import Encoder, Tokenized, is_fatal_device_error, is_out_of_memory
-from embedq.errors import DeviceFailedError, EncoderError, NonFiniteVectorError
+from embedq.broker.traffic import Traffic
+from embedq.encode.base import Encoder, Tokenized
+from embedq.errors import DeviceFailedError
 from embedq.keys import vector_key
 from embedq.ops import metrics
-from embedq.worker.budget import BudgetTuner
+from embedq.worker.budget import BudgetTuner, Pace
 from embedq.worker.cache import Cache, unpack_vector
+from embedq.worker.encoding import Encoded, encode_all, pack
 from embedq.worker.flight import Flight
+from embedq.worker.pool import BatchResult, Pool, Request, Slot
+
+__all__ = ["BatchResult", "Batcher", "BatcherStats", "encode_all", "pack"]
 
 log = logging.getLogger(__name__)
 
-# A group stops growing at this many texts, which bounds the wait of the first request.
-GROUP_TEXTS_PER_BATCH = 4
-
-
-def pack(lengths: np.ndarray, max_tokens: int, max_items: int) -> list[np.ndarray]:
-    """Split positions into batches, longest first, each with longest x count <= max_tokens.
-
-    Returns arrays of positions into ``lengths``; a text longer than the budget gets a
-    batch of its own.
-    """
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        longest = max(1, int(lengths[order[start]]))
-        size = max(1, min(max_items, max_tokens // longest, len(order) - start))
-        batches.append(order[start : start + size])
-        start += size
-    return batches
-
-
-@dataclass
-class Encoded:
-    """Vectors for every position, and the positions that failed with why."""
-
-    vectors: np.ndarray
-    failed: dict[int, str] = field(default_factory=dict)
+# Interactive traffic counts as present this long after an interactive request came:
+# meanwhile every batch is cut to EMBEDQ_INTERACTIVE_BATCH_MS.
+PRESENT_S = 2.0
+# A round of bulk work is this many batches at most (encoded sorted by length, so they pad
+# little); interactive work arriving meanwhile stops it between two batches.
+ROUND_BATCHES = 4
+# Each batch weighs this much less in the recent shares of the classes.
+SHARE_DECAY = 0.95
 
 
 @dataclass
@@ -74,6 +68,8 @@ class BatcherStats:
     #: Real (unpadded) tokens encoded, and the model's seconds spent on them (for cost).
     tokens_encoded: int = 0
     encode_seconds: float = 0.0
+    #: Requests dropped unencoded because their deadline passed.
+    expired: int = 0
 
     def record_batch(self, count: int, padded: int, tokens: int = 0, seconds: float = 0.0) -> None:
         """Count one encoded batch of ``count`` texts costing ``padded`` tokens."""
@@ -85,238 +81,40 @@ class BatcherStats:
         self.encode_seconds += seconds
 
 
-def encode_all(
-    encoder: Encoder,
-    tok: Tokenized,
-    normalize: bool,
-    max_tokens: int,
-    max_items: int,
-    on_batch: Callable[[int, int, int, float], None] | None = None,
-    on_oom: Callable[[], None] | None = None,
-    on_fatal: Callable[[DeviceFailedError], None] | None = None,
-) -> Encoded:
-    """Encode every tokenized text in packed batches, splitting any batch that fails.
-
-    Out of memory (at launch or at fetch) halves the budget of the batches still to come
-    and splits the failed one; a fatal device error calls ``on_fatal`` and raises
-    :class:`~embedq.errors.DeviceFailedError` (no split can help a broken device)."""
-    out = Encoded(np.zeros((len(tok.ids), encoder.dim), dtype=np.float32))
-    run = _Run(encoder, tok, tok.lengths, normalize, out, max_tokens, max_items)
-    run.on_batch, run.on_oom, run.on_fatal = on_batch, on_oom, on_fatal
-    batches = deque(pack(run.lengths, max_tokens, max_items))
-    pending: _Launched | None = None
-    while batches:
-        positions = batches.popleft()
-        # The next batch starts before the last one is fetched: on cuda the host pads and
-        # copies it while the GPU still runs the previous one.
-        launched = _launch(run, positions)
-        if pending is not None:
-            _fetch(run, pending)
-        pending = launched if isinstance(launched, _Launched) else None
-        if isinstance(launched, _Failure):
-            _recover(run, positions, launched)
-        if run.repack:
-            batches = _repack(run, batches)
-    if pending is not None:
-        _fetch(run, pending)
-    return out
-
-
 @dataclass
-class _Run:
-    """One ``encode_all`` call: what its batches share, and its hooks."""
+class Shares:
+    """Tokens encoded lately per class (each batch weighs a little less than the one after
+    it), for bulk's minimum share of the encoder."""
 
-    encoder: Encoder
-    tok: Tokenized
-    lengths: np.ndarray
-    normalize: bool
-    out: Encoded
-    max_tokens: int
-    max_items: int
-    on_batch: Callable[[int, int, int, float], None] | None = None
-    on_oom: Callable[[], None] | None = None
-    on_fatal: Callable[[DeviceFailedError], None] | None = None
-    repack: bool = False
+    interactive: float = 0.0
+    bulk: float = 0.0
 
-    def ids(self, positions: np.ndarray) -> list[list[int]]:
-        """The token ids of ``positions``."""
-        return [self.tok.ids[i] for i in positions]
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """What a failed call leaves: never the exception, whose traceback holds the failed
-    batch's tensors (kept, they would block the very memory a split needs)."""
-
-    reason: str
-    oom: bool
-    fatal: bool
-
-
-@dataclass
-class _Launched:
-    positions: np.ndarray
-    handle: object
-    launch_s: float
-
-
-def _attempt(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, or a :class:`_Failure` describing what it raised."""
-    try:
-        return fn(*args)
-    except Exception as exc:
-        failure = _Failure(
-            f"{type(exc).__name__}: {exc}", is_out_of_memory(exc), is_fatal_device_error(exc)
-        )
-    # Out of the handler: the exception and its traceback are gone, and with them the
-    # failed batch's tensors.
-    return failure
-
-
-def _launch(run: _Run, positions: np.ndarray) -> _Launched | _Failure:
-    """Start a batch; a :class:`_Failure` when starting it failed."""
-    start = time.perf_counter()
-    handle = _attempt(run.encoder.launch, run.ids(positions), run.normalize)
-    if isinstance(handle, _Failure):
-        return handle
-    return _Launched(positions, handle, time.perf_counter() - start)
-
-
-def _fetch(run: _Run, launched: _Launched) -> None:
-    """Collect a launched batch; timed by its device events when the encoder has them."""
-    start = time.perf_counter()
-    vectors = _attempt(run.encoder.fetch, launched.handle)
-    # The batch's device buffers go with its handle, before any split allocates more.
-    handle, launched.handle = launched.handle, None
-    if isinstance(vectors, _Failure):
-        del handle
-        _recover(run, launched.positions, vectors)
-        return
-    device_s = getattr(handle, "seconds", None)
-    seconds = device_s if device_s is not None else launched.launch_s + time.perf_counter() - start
-    _keep(run, launched.positions, vectors)
-    _report(run, launched.positions, seconds)
-
-
-def _encode_split(run: _Run, positions: np.ndarray) -> None:
-    """Encode ``positions`` in one synchronous call; split it if that fails."""
-    start = time.perf_counter()
-    vectors = _attempt(run.encoder.embed_ids, run.ids(positions), run.normalize)
-    if isinstance(vectors, _Failure):
-        _recover(run, positions, vectors)
-        return
-    _keep(run, positions, vectors)
-    _report(run, positions, time.perf_counter() - start)
-
-
-def _recover(run: _Run, positions: np.ndarray, failure: _Failure) -> None:
-    """After a failed batch: stop on a fatal device error; on out of memory lower the
-    budget and free memory; then halve the batch (a single text fails alone)."""
-    if failure.fatal:
-        _give_up(run, failure)
-    if failure.oom:
-        if run.on_oom is not None:
-            run.on_oom()
-        run.max_tokens, run.repack = max(1, run.max_tokens // 2), True
-        _free_device_memory()
-    if len(positions) == 1:
-        run.out.failed[int(positions[0])] = failure.reason
-        log.error("text at position %d could not be encoded: %s", positions[0], failure.reason)
-        return
-    # Halving isolates both out-of-memory batches and a single poisonous text.
-    kind = "out of memory" if failure.oom else failure.reason
-    log.warning("batch of %d failed (%s): splitting it in half", len(positions), kind)
-    metrics.SPLITS.inc()
-    half = len(positions) // 2
-    for part in (positions[:half], positions[half:]):
-        _encode_split(run, part)
-
-
-def _give_up(run: _Run, failure: _Failure) -> NoReturn:
-    """A fatal device error: tell ``on_fatal`` (the worker stops) and raise."""
-    error = DeviceFailedError(f"the device failed, this worker stops: {failure.reason}")
-    log.critical("%s", error)
-    if run.on_fatal is not None:
-        run.on_fatal(error)
-    raise error
-
-
-def _repack(run: _Run, batches: deque[np.ndarray]) -> deque[np.ndarray]:
-    """The batches not started yet, packed again at the lowered budget."""
-    run.repack = False
-    if not batches:
-        return batches
-    rest = np.concatenate(list(batches))
-    return deque(rest[b] for b in pack(run.lengths[rest], run.max_tokens, run.max_items))
-
-
-def _keep(run: _Run, positions: np.ndarray, vectors: np.ndarray) -> None:
-    """Store the finite rows; redo the others in fp32, and refuse what stays non-finite
-    (a NaN vector must never reach the cache or the store)."""
-    finite = np.isfinite(vectors).all(axis=1)
-    run.out.vectors[positions[finite]] = vectors[finite]
-    if not finite.all():
-        _redo_non_finite(run, positions[~finite])
-
-
-def _redo_non_finite(run: _Run, positions: np.ndarray) -> None:
-    """Rows that came out NaN or infinite, once more in fp32 when the encoder can; what
-    stays non-finite fails (``NonFiniteVectorError``), alone."""
-    log.warning("%d vectors came out NaN or infinite: redoing them in fp32", len(positions))
-    redo = _attempt(run.encoder.embed_fp32, run.ids(positions), run.normalize)
-    if isinstance(redo, _Failure) and redo.fatal:
-        _give_up(run, redo)
-    for j, position in enumerate(positions):
-        if isinstance(redo, np.ndarray) and np.isfinite(redo[j]).all():
-            run.out.vectors[position] = redo[j]
+    def add(self, traffic: Traffic, tokens: int) -> None:
+        """Count one batch of ``tokens`` real tokens of ``traffic``."""
+        self.interactive *= SHARE_DECAY
+        self.bulk *= SHARE_DECAY
+        if traffic is Traffic.BULK:
+            self.bulk += tokens
         else:
-            run.out.failed[int(position)] = _non_finite_reason(redo)
+            self.interactive += tokens
 
-
-def _non_finite_reason(redo: object) -> str:
-    reason = f"{NonFiniteVectorError.__name__}: the model returned NaN or infinite values"
-    if isinstance(redo, _Failure):
-        return f"{reason} (and its fp32 retry failed: {redo.reason})"
-    return f"{reason}, in fp32 too" if redo is not None else reason
-
-
-def _report(run: _Run, positions: np.ndarray, seconds: float) -> None:
-    """Tell ``on_batch`` of one encoded batch: texts, padded cost, real tokens, seconds."""
-    if run.on_batch is not None:
-        batch = run.lengths[positions]
-        run.on_batch(len(positions), int(batch.max()) * len(positions), int(batch.sum()), seconds)
-
-
-def _free_device_memory() -> None:
-    """Return the cached blocks of freed tensors to the device (after an out of memory)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # Tensors of the failed batch caught in reference cycles go first.
-        gc.collect()
-        torch.cuda.empty_cache()
+    def bulk_below(self, share: float) -> bool:
+        """Whether bulk got less than ``share`` of the tokens lately."""
+        total = self.interactive + self.bulk
+        return total > 0 and self.bulk < share * total
 
 
 @dataclass(frozen=True)
-class BatchResult:
-    """What one request gets back: its vectors and which of its texts were cut."""
+class _Landed:
+    """A key another worker was encoding: its cache value, or None (encode it here)."""
 
-    vectors: np.ndarray
-    truncated: tuple[int, ...]
-    cache_hits: int = 0
-
-
-@dataclass
-class _Pending:
-    texts: list[str]
-    normalize: bool
-    future: Future[BatchResult]
+    key: str
+    value: bytes | None
 
 
 class Batcher:
-    """Collects requests from concurrent tasks and serves them from one encoding thread."""
+    """Collects requests from concurrent tasks and serves them from one encoding thread:
+    interactive texts first, bulk jobs in turn, deadlines kept (see :mod:`.pool`)."""
 
     def __init__(
         self,
@@ -330,6 +128,8 @@ class Batcher:
         latency_target_s: float | None = None,
         flight: Flight | None = None,
         on_fatal: Callable[[DeviceFailedError], None] | None = None,
+        interactive_batch_s: float = 0.025,
+        bulk_min_share: float = 0.1,
     ) -> None:
         self.encoder = encoder
         # Called when the device fails for good (the runtime stops the worker there).
@@ -339,6 +139,8 @@ class Batcher:
         self.flight = flight
         self.wait_s = wait_s
         self.max_batch_size = max_batch_size
+        self.interactive_batch_s = interactive_batch_s
+        self.bulk_min_share = bulk_min_share
         # A budget given here is fixed; otherwise the encoder's is where learning starts.
         self.budget = BudgetTuner(
             budget=max_batch_tokens or encoder.max_batch_tokens,
@@ -348,20 +150,43 @@ class Batcher:
             # A fixed budget given here is never tuned.
             adaptive=adaptive and not max_batch_tokens,
         )
+        self.pace = Pace()
+        self.shares = Shares()
         self.stats = BatcherStats()
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self.pool = Pool()
+        self._intake: queue.SimpleQueue[Request | _Landed | None] = queue.SimpleQueue()
+        # Slots whose keys another worker leases: watched by the flight's thread.
+        self._watched: dict[str, Slot] = {}
+        # Interactive requests submitted so far, and when the last one came (task threads
+        # write these; the batcher thread only reads them).
+        self._arrivals, self._last_interactive = 0, -math.inf
+        self._round_start_arrivals = 0
+        self._round_traffic = Traffic.BULK
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="embedq-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, texts: list[str], normalize: bool) -> Future[BatchResult]:
-        """Queue ``texts`` for encoding; the future resolves to this request's rows."""
-        pending = _Pending(texts, normalize, Future())
-        self._queue.put(pending)
-        return pending.future
+    def submit(
+        self,
+        texts: list[str],
+        normalize: bool,
+        traffic: Traffic = Traffic.INTERACTIVE,
+        job: str = "-",
+        deadline: float | None = None,
+    ) -> Future[BatchResult]:
+        """Queue ``texts`` for encoding; the future resolves to this request's rows.
+        ``deadline`` (``time.monotonic()``): past it, the texts are not encoded for this
+        request and the future fails with ``DeadlineExceededError``."""
+        request = Request(texts, normalize, traffic, job, deadline)
+        if traffic is Traffic.INTERACTIVE:
+            self._last_interactive = time.monotonic()
+            self._arrivals += 1
+        self._intake.put(request)
+        return request.future
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish what is queued, then stop the thread."""
-        self._queue.put(None)
+        self._intake.put(None)
         self._thread.join(timeout_s)
 
     @property
@@ -372,6 +197,8 @@ class Batcher:
     def _record_batch(self, count: int, padded: int, tokens: int, seconds: float) -> None:
         self.stats.record_batch(count, padded, tokens, seconds)
         self.budget.observe(padded, tokens, seconds)
+        self.pace.observe(padded, seconds)
+        self.shares.add(self._round_traffic, tokens)
         metrics.BATCH_BUDGET.labels(self.encoder.model_id).set(self.budget.budget)
         metrics.TEXTS.labels(self.encoder.device).inc(count)
         metrics.TOKENS.labels(self.encoder.device).inc(tokens)
@@ -380,121 +207,212 @@ class Batcher:
         metrics.ENCODE_SECONDS.observe(seconds)
 
     def _run(self) -> None:
-        while (group := self._collect()) is not None:
-            self.stats.requests += len(group)
-            for normalize in (True, False):
-                members = [p for p in group if p.normalize is normalize]
-                if members:
-                    self._serve(members, normalize)
-
-    def _collect(self) -> list[_Pending] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        group, count = [first], len(first.texts)
-        deadline = time.monotonic() + self.wait_s
-        while count < self.max_batch_size * GROUP_TEXTS_PER_BATCH:
+        while self._take_in():
+            for request in self.pool.expire():
+                self.stats.expired += 1
+                log.info(
+                    "dropped a %s request of %d texts: deadline passed",
+                    request.traffic,
+                    len(request.texts),
+                )
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                self._serve_round()
+            except Exception:  # the thread must survive anything one round does
+                log.exception("batch round failed")
+
+    # --- intake -------------------------------------------------------------------------
+
+    def _take_in(self) -> bool:
+        """Admit what arrived (waiting for it while there is nothing to do); False once
+        closed and everything queued is served."""
+        items = self._arrived(block=not len(self.pool))
+        requests = [i for i in items if isinstance(i, Request)]
+        self._closing = self._closing or any(i is None for i in items)
+        if requests:
+            self._admit(requests)
+        for item in items:
+            if isinstance(item, _Landed):
+                self._land(item)
+        return not (self._closing and not len(self.pool) and not self._watched)
+
+    def _arrived(self, block: bool) -> list[Request | _Landed | None]:
+        """Everything in the intake now; when ``block``, first wait for one item, then up
+        to ``wait_s`` for more requests to batch with it."""
+        items: list[Request | _Landed | None] = []
+        if block and not (self._closing and not self._watched):
+            items.append(self._intake.get())
+            self._gather(items)
+        while True:
+            try:
+                items.append(self._intake.get_nowait())
             except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # stop after serving this group
-                break
-            group.append(item)
-            count += len(item.texts)
-        return group
+                return items
 
-    def _serve(self, members: list[_Pending], normalize: bool) -> None:
-        try:
-            unique = list(dict.fromkeys(t for p in members for t in p.texts))
-            vectors, truncated, hits, failed = self._embed_unique(unique, normalize)
-            slot = {text: i for i, text in enumerate(unique)}
-            for p in members:
-                rows = np.fromiter((slot[t] for t in p.texts), dtype=np.int64, count=len(p.texts))
-                _resolve(p, vectors, truncated, failed, rows, int(hits[rows].sum()))
-        except Exception as exc:  # the thread must survive anything one group does
-            log.exception("batch group failed")
-            for p in members:
-                if not p.future.done():
-                    p.future.set_exception(EncoderError(f"encoding failed: {exc}"))
+    def _gather(self, items: list[Request | _Landed | None]) -> None:
+        deadline = time.monotonic() + self.wait_s
+        count = sum(len(i.texts) for i in items if isinstance(i, Request))
+        while count < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._intake.get(timeout=left)
+            except queue.Empty:
+                return
+            items.append(item)
+            count += len(item.texts) if isinstance(item, Request) else 0
 
-    def _embed_unique(
-        self, unique: list[str], normalize: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
-        keys = [vector_key(self.encoder.model_id, normalize, t) for t in unique]
-        vectors = np.empty((len(unique), self.encoder.dim), dtype=np.float32)
-        truncated = np.zeros(len(unique), dtype=bool)
+    def _admit(self, requests: list[Request]) -> None:
+        """Join each request to the slots of its distinct texts (new slots for texts not
+        waiting yet), answer what the cache has, tokenize and queue the rest."""
+        self.stats.requests += len(requests)
+        fresh: dict[str, Slot] = {}
+        for request in requests:
+            self._join(request, fresh)
+        slots = list(fresh.values())
         misses = []
-        for i, value in enumerate(self.cache.get_many(keys)):
+        for slot, value in zip(slots, self.cache.get_many([s.key for s in slots]), strict=True):
             if value is None:
-                misses.append(i)
+                misses.append(slot)
             else:
-                vectors[i], truncated[i] = unpack_vector(value)
-        hits = np.ones(len(unique), dtype=bool)
-        hits[misses] = False
+                slot.vector, slot.truncated = unpack_vector(value)
+                slot.hit = True
+        self._queue_misses(misses)
+        for slot in slots:
+            if slot.done:
+                self._complete(slot)
+
+    def _join(self, request: Request, fresh: dict[str, Slot]) -> None:
+        unique = list(dict.fromkeys(request.texts))
+        model_id = self.encoder.model_id
+        for text in unique:
+            key = vector_key(model_id, request.normalize, text)
+            slot = self.pool.by_key.get(key) or fresh.get(key)
+            if slot is None:
+                slot = fresh[key] = Slot(key, text, request.normalize)
+            promote = request.traffic is Traffic.INTERACTIVE and not slot.interactive
+            slot.waiters.append(request)
+            request.slots.append(slot)
+            if promote:
+                self.pool.promote(slot)
+        place = {text: i for i, text in enumerate(unique)}
+        request.rows = np.fromiter((place[t] for t in request.texts), np.int64, len(request.texts))
+        request.left = len(unique)
+        self.pool.requests.add(request)
+        if not unique:
+            self._finish(request)
+
+    def _queue_misses(self, misses: list[Slot]) -> None:
+        """Tokenize the misses once; queue those this worker encodes, watch those another
+        worker leases (single flight)."""
         if not misses:
-            return vectors, truncated, hits, {}
-        failed: dict[int, str] = {}
+            return
+        for slot in misses:
+            self.pool.by_key[slot.key] = slot
+        tok = self.encoder.tokenize([s.text for s in misses])
+        for slot, ids, cut in zip(misses, tok.ids, tok.truncated, strict=True):
+            slot.ids, slot.truncated = ids, bool(cut)
+        held = self.flight.claim([s.key for s in misses]) if self.flight else None
+        theirs = [s for s, mine in zip(misses, held or [], strict=False) if not mine]
+        for slot in misses:
+            slot.leased = held is not None and slot not in theirs
+            if slot not in theirs:
+                self.pool.put(slot)
+        if theirs and self.flight is not None:
+            self._watched.update((s.key, s) for s in theirs)
+            self.flight.watch([s.key for s in theirs], lambda k, v: self._intake.put(_Landed(k, v)))
 
-        def encode(rows: list[int]) -> None:
-            todo = [misses[r] for r in rows]
-            failed.update(self._encode_misses(unique, keys, todo, normalize, vectors, truncated))
+    def _land(self, landed: _Landed) -> None:
+        """A watched key: its vector came from another worker, or it is encoded here."""
+        slot = self._watched.pop(landed.key, None)
+        if slot is None:
+            return
+        if landed.value is None:
+            self.pool.put(slot)
+            return
+        slot.vector, slot.truncated = unpack_vector(landed.value)
+        slot.hit = True
+        self._complete(slot)
 
-        if self.flight is None:
-            encode(list(range(len(misses))))
-            return vectors, truncated, hits, failed
-        # Texts another worker was encoding come from its cache entry, as hits.
-        for r, value in self.flight.serve([keys[i] for i in misses], encode).items():
-            vectors[misses[r]], truncated[misses[r]] = unpack_vector(value)
-            hits[misses[r]] = True
-        return vectors, truncated, hits, failed
+    # --- serving ------------------------------------------------------------------------
 
-    def _encode_misses(
-        self,
-        unique: list[str],
-        keys: list[str],
-        misses: list[int],
-        normalize: bool,
-        vectors: np.ndarray,
-        truncated: np.ndarray,
-    ) -> dict[int, str]:
-        """Encode ``unique[misses]`` into ``vectors``, cache them; returns failures by position."""
-        tok = self.encoder.tokenize([unique[i] for i in misses])
-        enc = encode_all(
-            self.encoder,
-            tok,
-            normalize,
-            self.max_batch_tokens,
-            self.max_batch_size,
-            on_batch=self._record_batch,
-            on_oom=self.budget.too_big,
-            on_fatal=self.on_fatal,
+    def _serve_round(self) -> None:
+        """Encode the next round: one batch of interactive texts when any wait (unless bulk
+        is below its share: one bulk batch then), else up to ``ROUND_BATCHES`` batches of
+        bulk texts, stopped when interactive work arrives. While interactive traffic is
+        present, bulk batches are cut to ``interactive_batch_s`` of encoding."""
+        if not len(self.pool):
+            return
+        waiting = self.pool.has_interactive()
+        bulk_due = waiting and self.pool.has_bulk() and self.shares.bulk_below(self.bulk_min_share)
+        budget = self.max_batch_tokens
+        if waiting and not bulk_due:
+            self._round_traffic = Traffic.INTERACTIVE
+            slots = self.pool.take(budget, self.max_batch_size, only=Traffic.INTERACTIVE)
+            self._encode(slots, budget, preemptible=False)
+            return
+        self._round_traffic = Traffic.BULK
+        if waiting or time.monotonic() - self._last_interactive < PRESENT_S:
+            budget = self.pace.bounded(
+                budget, self.interactive_batch_s, self.encoder.max_seq_tokens
+            )
+        rounds = 1 if bulk_due else ROUND_BATCHES
+        slots = self.pool.take(
+            budget * rounds, self.max_batch_size * rounds, only=Traffic.BULK, padded=rounds == 1
         )
-        vectors[misses], truncated[misses] = enc.vectors, tok.truncated
+        self._encode(slots, budget, preemptible=True)
+
+    def _preempted(self) -> bool:
+        return self._arrivals != self._round_start_arrivals
+
+    def _encode(self, slots: list[Slot], budget: int, preemptible: bool) -> None:
+        if not slots:
+            return
+        self._round_start_arrivals = self._arrivals
+        tok = Tokenized([s.ids or [] for s in slots], np.array([s.truncated for s in slots]))
+        try:
+            enc = encode_all(
+                self.encoder,
+                tok,
+                slots[0].normalize,
+                budget,
+                self.max_batch_size,
+                on_batch=self._record_batch,
+                on_oom=self.budget.too_big,
+                on_fatal=self.on_fatal,
+                preempt=self._preempted if preemptible else None,
+            )
+        except Exception as exc:
+            log.exception("encoding failed")
+            enc = Encoded(np.zeros((len(slots), self.encoder.dim), np.float32))
+            enc.failed = dict.fromkeys(range(len(slots)), f"encoding failed: {exc}")
+        self._settle(slots, enc)
+
+    def _settle(self, slots: list[Slot], enc: Encoded) -> None:
+        """Give each encoded slot its vector (or error), fill the cache in one pipeline,
+        release the leases, answer complete requests; skipped slots queue again in front."""
+        skipped = set(enc.skipped.tolist())
+        for i in reversed(enc.skipped.tolist()):
+            self.pool.put(slots[i], front=True)
+        done = [(i, s) for i, s in enumerate(slots) if i not in skipped]
+        for i, slot in done:
+            if i in enc.failed:
+                slot.error = enc.failed[i]
+            else:
+                slot.vector = enc.vectors[i]
         self.stats.failed_texts += len(enc.failed)
-        fills = {
-            keys[i]: self.cache.pack(enc.vectors[j], bool(tok.truncated[j]))
-            for j, i in enumerate(misses)
-            if j not in enc.failed
-        }
+        fills = {s.key: self.cache.pack(s.vector, s.truncated) for _, s in done if s.error is None}
         self.cache.set_many(fills)
-        return {misses[j]: why for j, why in enc.failed.items()}
+        if self.flight is not None:
+            self.flight.release([s.key for _, s in done if s.leased])
+        for _, slot in done:
+            self._complete(slot)
 
+    def _complete(self, slot: Slot) -> None:
+        self.pool.forget(slot)
+        for request in list(slot.waiters):
+            request.left -= 1
+            if request.left == 0:
+                self._finish(request)
 
-def _resolve(
-    p: _Pending,
-    vectors: np.ndarray,
-    truncated: np.ndarray,
-    failed: dict[int, str],
-    rows: np.ndarray,
-    cache_hits: int,
-) -> None:
-    bad = [failed[int(r)] for r in rows if int(r) in failed]
-    if bad:
-        p.future.set_exception(
-            EncoderError(f"{len(bad)} of {len(rows)} texts could not be encoded: {bad[0]}")
-        )
-        return
-    cut = tuple(np.flatnonzero(truncated[rows]).tolist())
-    p.future.set_result(BatchResult(vectors[rows], cut, cache_hits))
+    def _finish(self, request: Request) -> None:
+        self.pool.requests.discard(request)
+        if not request.future.done():
+            request.answer()

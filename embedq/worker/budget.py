@@ -96,3 +96,29 @@ class BudgetTuner:
             "cap": self.cap,
             "tokens_per_s": {k: round(v) for k, v in sorted(self.rates.items())},
         }
+
+
+# Each batch's speed counts this much in the moving average.
+PACE_WEIGHT = 0.2
+
+
+@dataclass
+class Pace:
+    """Padded tokens per second the encoder reaches (a moving average over batches)."""
+
+    rate: float | None = None
+
+    def observe(self, padded: int, seconds: float) -> None:
+        """Record one batch: its padded cost and wall seconds."""
+        if padded > 0 and seconds > 0:
+            now = padded / seconds
+            self.rate = (
+                now if self.rate is None else (1 - PACE_WEIGHT) * self.rate + PACE_WEIGHT * now
+            )
+
+    def bounded(self, budget: int, seconds: float, floor: int) -> int:
+        """``budget``, cut to what encodes in about ``seconds`` at the measured pace (never
+        below ``floor``, one full-length text); unchanged until a batch was measured."""
+        if self.rate is None:
+            return budget
+        return max(floor, min(budget, int(self.rate * seconds)))

@@ -1,11 +1,14 @@
 """Single flight across workers: concurrent misses of one cache key are encoded once.
 
-For the keys a batch misses, one pipeline sets a short lease per key (SET NX PX). The
-worker encodes the keys it leased, fills the cache, then drops its leases. The keys leased
-by others it waits for: one MGET per poll reads their cache entries and leases together; an
-entry that arrives is used, a lease that ends without one (its holder failed or died) or the
-wait outlasting the lease TTL means this worker encodes the text itself. So a dead holder
-delays others by at most the lease TTL, and Redis trouble only costs duplicate encoding.
+For the keys a batch misses, one pipeline sets a short lease per key (SET NX PX,
+:meth:`Flight.claim`). The worker encodes the keys it leased, fills the cache, then drops its
+leases (:meth:`Flight.release`). The keys leased by others it *watches*
+(:meth:`Flight.watch`): a thread of its own polls, one MGET per round for every watched key,
+their cache entries and leases together; an entry that arrives is handed over, a lease that
+ends without one (its holder failed or died) or a wait outlasting the lease TTL hands the
+key back to be encoded here. The batcher never waits: it encodes other texts meanwhile. A
+dead holder delays its keys by at most the lease TTL, and Redis trouble only costs
+duplicate encoding.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 # a slow one costs few round trips).
 POLL_FIRST_S = 0.005
 POLL_MAX_S = 0.05
+# Keys watched at once, at most: beyond, a key is handed back at once (encoded here).
+MAX_WATCHED = 100_000
 
 # Drops only the leases this worker still holds (one that expired may be someone else's).
 _RELEASE = """
@@ -42,6 +48,10 @@ end
 return dropped
 """
 
+#: Called once per watched key from the watcher thread: its cache value, or None when this
+#: worker must encode it itself.
+Landed = Callable[[str, bytes | None], None]
+
 
 @dataclass
 class FlightStats:
@@ -53,8 +63,15 @@ class FlightStats:
     errors: int = 0
 
 
+@dataclass
+class _Watch:
+    key: str
+    until: float
+    landed: Landed
+
+
 class Flight:
-    """Leases missed cache keys in the cache's Redis; waits for the ones others hold."""
+    """Leases missed cache keys in the cache's Redis; watches the ones others hold."""
 
     def __init__(self, cache: RedisCache, lease_ms: int) -> None:
         self.cache = cache
@@ -63,35 +80,17 @@ class Flight:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = FlightStats()
         self._release = self.client.register_script(_RELEASE)
+        self._watched: list[_Watch] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def serve(self, keys: Sequence[str], encode: Callable[[list[int]], None]) -> dict[int, bytes]:
-        """Have every position of ``keys`` encoded once cluster-wide: ``encode(positions)``
-        encodes (and caches) those this worker must do; returns the cache values that other
-        workers filled meanwhile, by position."""
-        # Nobody could wait for vectors that will not reach Redis: encode them here.
+    def claim(self, keys: Sequence[str]) -> list[bool] | None:
+        """One pipeline of SET NX PX: True where this worker now holds the lease. None when
+        nobody could wait for its vectors (cache writes do not reach Redis) or Redis failed:
+        this worker then encodes them all itself."""
         if not self.cache.writable:
-            encode(list(range(len(keys))))
-            return {}
-        held = self._claim(keys)
-        if held is None:
-            encode(list(range(len(keys))))
-            return {}
-        mine = [i for i, ok in enumerate(held) if ok]
-        theirs = [i for i, ok in enumerate(held) if not ok]
-        if mine:
-            try:
-                encode(mine)
-            finally:
-                self._drop([keys[i] for i in mine])
-        found = self._wait(keys, theirs) if theirs else {}
-        rest = [i for i in theirs if i not in found]
-        if rest:
-            encode(rest)
-        return found
-
-    def _claim(self, keys: Sequence[str]) -> list[bool] | None:
-        """One pipeline of SET NX PX: True where this worker now holds the lease; None
-        when Redis failed (this worker then encodes everything itself)."""
+            return None
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             pipe.set(vector_lease_key(key), self.token, nx=True, px=self.lease_ms)
@@ -103,43 +102,80 @@ class Flight:
         self.stats.leased += sum(held)
         return held
 
-    def _drop(self, keys: list[str]) -> None:
+    def release(self, keys: Sequence[str]) -> None:
+        """Drop this worker's leases of ``keys`` (after filling their cache entries)."""
+        if not keys:
+            return
         try:
             self._release(keys=[vector_lease_key(k) for k in keys], args=[self.token])
         except redis.RedisError as exc:
             self._failed("release", exc)  # the leases expire on their own
 
-    def _wait(self, keys: Sequence[str], positions: list[int]) -> dict[int, bytes]:
-        """Poll (one MGET of entries and leases) until each entry came or its lease ended,
-        for at most the lease TTL."""
-        found: dict[int, bytes] = {}
-        pending = list(positions)
-        deadline = time.monotonic() + self.lease_ms / 1000
-        pause = POLL_FIRST_S
-        while pending and time.monotonic() < deadline:
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, POLL_MAX_S)
-            pending = self._poll(keys, pending, found)
-        self.stats.waited_hits += len(found)
-        self.stats.waited_misses += len(positions) - len(found)
-        self.cache.warm({keys[i]: value for i, value in found.items()})
-        return found
+    def watch(self, keys: Sequence[str], landed: Landed) -> None:
+        """Hand each of ``keys`` (leased by another worker) to ``landed`` once its entry
+        arrives, or with None once its lease ends without one or the lease TTL passed."""
+        until = time.monotonic() + self.lease_ms / 1000
+        with self._lock:
+            room = MAX_WATCHED - len(self._watched)
+            self._watched += [_Watch(k, until, landed) for k in keys[:room]]
+            self._start()
+        for key in keys[room:]:
+            landed(key, None)
+        self._wake.set()
 
-    def _poll(self, keys: Sequence[str], pending: list[int], found: dict[int, bytes]) -> list[int]:
-        """One MGET; records arrived entries in ``found``; returns positions still leased."""
-        names = [keys[i] for i in pending] + [vector_lease_key(keys[i]) for i in pending]
+    def watching(self) -> int:
+        """Keys watched now."""
+        with self._lock:
+            return len(self._watched)
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="embedq-flight", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        pause = POLL_FIRST_S
+        while True:
+            if self._wake.wait(pause):
+                self._wake.clear()
+                pause = POLL_FIRST_S
+            else:
+                pause = min(pause * 2, POLL_MAX_S)
+            with self._lock:
+                watched = list(self._watched)
+            if watched:
+                self._settle(self._poll(watched))
+
+    def _poll(self, watched: list[_Watch]) -> dict[int, bytes | None]:
+        """One MGET of entries and leases: position -> value (or None: encode it here) for
+        every watch that is over; still-leased ones within their TTL are left out."""
+        keys = [w.key for w in watched]
         try:
-            values = self.client.mget(names)
+            values = self.client.mget(keys + [vector_lease_key(k) for k in keys])
         except redis.RedisError as exc:
             self._failed("wait", exc)
-            return []
-        still = []
-        for n, i in enumerate(pending):
-            if values[n] is not None:
-                found[i] = values[n]
-            elif values[len(pending) + n] is not None:
-                still.append(i)
-        return still
+            return dict.fromkeys(range(len(watched)))
+        now, over = time.monotonic(), {}
+        for i, watch in enumerate(watched):
+            entry, lease = values[i], values[len(watched) + i]
+            if entry is not None:
+                over[i] = entry
+            elif lease is None or now >= watch.until:
+                over[i] = None
+        return over
+
+    def _settle(self, over: dict[int, bytes | None]) -> None:
+        if not over:
+            return
+        with self._lock:
+            done = [(self._watched[i], value) for i, value in over.items()]
+            self._watched = [w for i, w in enumerate(self._watched) if i not in over]
+        hits = {w.key: v for w, v in done if v is not None}
+        self.stats.waited_hits += len(hits)
+        self.stats.waited_misses += len(done) - len(hits)
+        self.cache.warm(hits)
+        for watch, value in done:
+            watch.landed(watch.key, value)
 
     def _failed(self, op: str, exc: redis.RedisError) -> None:
         self.stats.errors += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from embedq.broker.client import cache_client
+from embedq.broker.traffic import Ticket, Traffic
 from embedq.codec import Embeddings
 from embedq.encode.base import Encoder
 from embedq.encode.factory import create_encoders
@@ -29,6 +31,10 @@ from embedq.worker.flight import Flight
 from embedq.worker.stop import stop_worker
 
 log = logging.getLogger(__name__)
+
+# What a request without a message (a direct call, a test) is served as.
+UNCLASSED = Ticket(Traffic.INTERACTIVE, "-", None, None)
+BULK = Ticket(Traffic.BULK, "-", None, None)
 
 
 class Runtime:
@@ -68,6 +74,8 @@ class Runtime:
             latency_target_s=(settings.batch_latency_target_ms or 0) / 1000 or None,
             flight=Flight(self.cache, settings.cache_lease_ms) if settings.cache_lease_ms else None,
             on_fatal=stop_worker,
+            interactive_batch_s=settings.interactive_batch_ms / 1000,
+            bulk_min_share=settings.bulk_min_share,
         )
 
     def select(self, model: str | None) -> Encoder:
@@ -102,19 +110,29 @@ class Runtime:
                 self._store = create_store(self.settings.database_url)
             return self._store
 
-    def embed(self, request: EmbedRequest) -> Embeddings:
-        """Vectors for ``request`` in input order; stored too when it names a collection."""
+    def embed(self, request: EmbedRequest, ticket: Ticket = UNCLASSED) -> Embeddings:
+        """Vectors for ``request`` in input order; stored too when it names a collection.
+        ``ticket``: its traffic class, job and deadline (from the task's message)."""
         encoder = self.select(request.model)
-        vectors, _ = self._encode(request, encoder)
+        vectors, _ = self._encode(request, encoder, ticket)
         if request.collection:
             self.save(request, vectors, encoder=encoder)
         return vectors
 
-    def _encode(self, request: EmbedRequest, encoder: Encoder) -> tuple[Embeddings, int]:
+    def _encode(
+        self, request: EmbedRequest, encoder: Encoder, ticket: Ticket
+    ) -> tuple[Embeddings, int]:
         """Vectors (and how many came from the cache) through the model's batcher."""
         if not request.texts:
             return Embeddings(np.zeros((0, encoder.dim), dtype=np.float32)), 0
-        future = self.batchers[encoder.model_id].submit(request.texts, request.normalize)
+        left = ticket.remaining_s()
+        future = self.batchers[encoder.model_id].submit(
+            request.texts,
+            request.normalize,
+            ticket.traffic,
+            ticket.job,
+            None if left is None else time.monotonic() + left,
+        )
         try:
             result = future.result(timeout=self.settings.task_soft_time_limit_s)
         except FutureTimeout as exc:
@@ -138,7 +156,9 @@ class Runtime:
         # Summed in process, written to Redis a few times a second (not once per task).
         worker_tally().add_cache(hits, texts - hits)
 
-    def ingest(self, request: EmbedRequest, chunks: dict[str, int]) -> dict[str, int]:
+    def ingest(
+        self, request: EmbedRequest, chunks: dict[str, int], ticket: Ticket = BULK
+    ) -> dict[str, int]:
         """Store documents, skipping those stored with the same text, model, metadata,
         parent and chunk (or stored by a newer request).
 
@@ -153,7 +173,7 @@ class Runtime:
         current = self.store.mark_current(request.collection, prints, version)
         todo = [i for i, doc_id in enumerate(request.ids) if doc_id not in current]
         subset = _subset(request, todo)
-        vectors, cache_hits = self._encode(subset, encoder)
+        vectors, cache_hits = self._encode(subset, encoder, ticket)
         if todo:
             self.save(subset, vectors, [hashes[i] for i in todo], version, encoder)
         for parent, count in chunks.items():

@@ -11,15 +11,17 @@ from typing import Any
 from celery.signals import (
     task_postrun,
     task_prerun,
+    task_revoked,
     worker_process_init,
     worker_ready,
     worker_shutdown,
 )
 
 from embedq.broker.client import check_eviction_policy, connect, shared_client
-from embedq.errors import INPUT_ERRORS
+from embedq.broker.traffic import Ticket, ticket_of
+from embedq.errors import INPUT_ERRORS, DeadlineExceededError
 from embedq.inputs import task_items
-from embedq.ops import metrics, slo
+from embedq.ops import backlog, metrics, slo
 from embedq.ops.heartbeat import Heartbeat, split_queues
 from embedq.settings import get_settings
 from embedq.worker.counting import worker_tally
@@ -129,9 +131,47 @@ _started: dict[str, float] = {}
 
 
 @task_prerun.connect
-def _task_started(task_id: str | None = None, **_: Any) -> None:
+def _task_started(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if task_id:
         _started[task_id] = time.perf_counter()
+    if task is not None and task.name in COUNTED_TASKS:
+        _count_wait(task.request)
+
+
+def _queue_and_ticket(request: Any) -> tuple[str, Ticket]:
+    info = getattr(request, "delivery_info", None) or {}
+    return backlog.shared_queue(str(info.get("routing_key") or "")), ticket_of(request)
+
+
+def _count_wait(request: Any) -> None:
+    """The task's wait from publish to start, per queue and class (metric and Redis)."""
+    queue, ticket = _queue_and_ticket(request)
+    wait = None if ticket.sent_at is None else max(0.0, time.time() - ticket.sent_at)
+    if wait is not None:
+        metrics.TASK_WAIT.labels(queue, ticket.traffic).observe(wait)
+    _tally(backlog.started_counts(queue, ticket.traffic, wait))
+
+
+def _count_end(request: Any, texts: int, expired: bool) -> None:
+    """A task finished (or was dropped for its deadline), per queue and class."""
+    queue, ticket = _queue_and_ticket(request)
+    if expired:
+        metrics.TASKS_EXPIRED.labels(queue, ticket.traffic).inc()
+    _tally(backlog.finished_counts(queue, ticket.traffic, texts, expired))
+
+
+def _tally(counts: dict[str, int]) -> None:
+    try:
+        worker_tally().add(counts)
+    except Exception as exc:  # counting must never fail a task
+        log.warning("could not count the task: %s", exc)
+
+
+@task_revoked.connect
+def _task_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    # Celery drops a task whose ``expires`` passed before it ran (our deadline).
+    if expired and request is not None and getattr(sender, "name", None) in COUNTED_TASKS:
+        _count_end(request, 0, expired=True)
 
 
 @task_postrun.connect
@@ -152,7 +192,10 @@ def _task_finished(
     if isinstance(retval, BaseException):
         metrics.ERRORS.labels(type(retval).__name__).inc()
     if task.name in COUNTED_TASKS:
-        _count_request(args, kwargs, seconds, state == "FAILURE" and not _is_input(retval))
+        expired = isinstance(retval, DeadlineExceededError)
+        failed = state == "FAILURE" and not _is_input(retval) and not expired
+        _count_request(args, kwargs, seconds, failed)
+        _count_end(task.request, len(task_items(args, kwargs) or ()), expired)
 
 
 def _is_input(error: Any) -> bool:
