@@ -149,7 +149,7 @@ def test_an_expired_request_stops_waiting_and_its_lone_texts_are_dropped():
     pool = Pool()
     late = Request([], True, Traffic.INTERACTIVE, deadline=time.monotonic() - 1)
     kept = Request([], True, Traffic.INTERACTIVE)
-    alone, shared = _slots(pool, late, [3, 3])
+    _alone, shared = _slots(pool, late, [3, 3])
     shared.waiters.append(kept)
     pool.requests |= {late, kept}
     assert pool.expire() == [late]
