@@ -349,6 +349,17 @@ def bench(
     redis_db: int = typer.Option(
         13, envvar="EMBEDQ_BENCH_REDIS_DB", help="Flushed before each repeat: keep it unused."
     ),
+    mixed_docs: int = typer.Option(
+        6000,
+        envvar="EMBEDQ_BENCH_MIXED_DOCS",
+        min=0,
+        help="Documents ingested while one-text callers run (0: no mixed scenario).",
+    ),
+    fair_docs: str = typer.Option(
+        "500,20000",
+        envvar="EMBEDQ_BENCH_FAIR_DOCS",
+        help="Two ingests started together, small,large (large 0: none).",
+    ),
 ) -> None:
     """Raw SentenceTransformer.encode vs the pipeline: texts/s, tokens/s, latency; JSON+PNG."""
     import os
@@ -369,6 +380,8 @@ def bench(
         latency_n=latency_n,
         callers=callers,
         interactive_n=interactive_n,
+        mixed_docs=mixed_docs,
+        fair_docs=_pair(fair_docs, "--fair-docs"),
         command=" ".join(["embedq", *sys.argv[1:]]),
     )
     spec = json.dumps(asdict(options), default=str)
@@ -378,6 +391,14 @@ def bench(
     if done.returncode == 0:
         typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     raise typer.Exit(done.returncode)
+
+
+def _pair(text: str, flag: str) -> tuple[int, int]:
+    try:
+        first, second = (int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes two numbers, small,large: got {text!r}") from None
+    return first, second
 
 
 @cli.command()

@@ -165,6 +165,45 @@ def embed_in_client(environ: dict[str, str], **args: object) -> dict[str, Any]:
     return json.loads(run_client(environ, EMBED_CLIENT, json.dumps(args)))
 
 
+CALLERS = """
+import json, sys, time
+from embedq.producer import embed
+tag, n, collection = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ok, failed, seconds = 0, [], []
+for i in range(n):
+    began = time.monotonic()
+    try:
+        assert embed([f"{tag} call {i}"], collection=collection, timeout_s=240).shape == (1, 384)
+        ok += 1
+    except Exception as exc:
+        failed.append(f"{type(exc).__name__}: {exc}")
+    seconds.append(time.monotonic() - began)
+    time.sleep(0.1)
+print(json.dumps({"ok": ok, "failed": failed, "max_s": round(max(seconds), 2)}))
+"""
+
+
+def start_callers(environ: dict[str, str], collection: str, n: int) -> subprocess.Popen[str]:
+    """An application's interactive traffic beside an ingest: a client process making ``n``
+    one-text calls in turn (``embedq.producer.embed``, each stored into ``collection``)."""
+    tag = uuid.uuid4().hex[:8]
+    return subprocess.Popen(
+        [sys.executable, "-c", CALLERS, tag, str(n), collection],
+        env=environ,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_callers(proc: subprocess.Popen[str], timeout_s: float = 600) -> dict[str, Any]:
+    """Wait for :func:`start_callers`' client; its counts (assert it exited 0)."""
+    out, err = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:

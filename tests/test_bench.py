@@ -17,7 +17,7 @@ from tests.helpers import BIN, ROOT, SHARED_DATA, env
 def test_bench_measures_raw_and_pipeline_and_writes_json_and_png(tmp_path, side_redis):
     cmd = [str(BIN / "embedq"), "bench", "--data", "sick", "--data", "pydoc", "--device", "cpu"]
     cmd += ["--limit", "40", "--repeats", "1", "--latency-n", "5", "--redis-db", "8"]
-    cmd += ["--callers", "4", "--interactive-n", "20"]
+    cmd += ["--callers", "4", "--interactive-n", "20", "--mixed-docs", "40", "--fair-docs", "8,40"]
     cmd += ["--out", str(tmp_path), "--data-dir", str(SHARED_DATA)]
     # Database 8 of the side Redis: bench flushes it, and no other worker may take its tasks.
     environ = env(EMBEDQ_REDIS_URL=side_redis(0))
@@ -45,6 +45,13 @@ def test_bench_measures_raw_and_pipeline_and_writes_json_and_png(tmp_path, side_
         assert row["ratio"] == round(row["tasks_per_s"] / row["raw_texts_per_s"], 3)
     assert "http x4: 20/20" in done.stderr, "a progress line while it runs"
     assert "| cpu | http | 4 | 20 |" in done.stdout
+    (mixed,) = report["mixed"]
+    assert mixed["ingest_alone"]["stored"] == 40 and mixed["fairness"]["ratio"] > 0
+    for n in (1, 4):
+        row = mixed[f"callers_{n}"]
+        assert row["ingest"]["stored"] == 40 and row["during_ingest"]["requests"] > 0
+        assert 0 < row["alone"]["p50_ms"] <= row["alone"]["p99_ms"]
+    assert "mixed traffic (cpu):" in done.stdout and "two ingests together" in done.stdout
 
 
 def test_bench_data_sets_and_errors(tmp_path):

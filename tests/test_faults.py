@@ -35,9 +35,11 @@ from tests.helpers import (
     audit,
     corpus,
     finish,
+    finish_callers,
     isolated_env,
     redis_server,
     run_client,
+    start_callers,
     start_ingest,
     wait_rows,
     wait_until,
@@ -94,6 +96,8 @@ def test_redis_restart_mid_ingest_loses_nothing(tmp_path, at, down_s):
         log = tmp_path / "worker.log"
         with worker(environ, log, ready=False):
             ingest = start_ingest(tmp_path / "docs.jsonl", "restart", environ)
+            # Both classes in flight: an application's one-text calls beside the ingest.
+            calls = start_callers(environ, "calls", 40)
             at_stop = wait_rows(store, "restart", at)
             # Saves the append-only file, as a restart would (a client that does not retry).
             redis.Redis.from_url(url).shutdown()
@@ -101,8 +105,10 @@ def test_redis_restart_mid_ingest_loses_nothing(tmp_path, at, down_s):
             server.restart()
             try:
                 summary = finish(ingest, timeout_s=240)
+                called = finish_callers(calls)
             finally:
                 ingest.kill()
+                calls.kill()
         again = redelivered(url)
     figures = audit(environ["EMBEDQ_DATABASE_URL"], "restart", docs)
     print(f"Redis down {down_s:g} s at {at_stop} stored; {again} tasks redelivered")
@@ -111,6 +117,8 @@ def test_redis_restart_mid_ingest_loses_nothing(tmp_path, at, down_s):
     assert PASSWORD not in log.read_text() + json.dumps(summary)
     assert summary["failed"] == 0, summary["failures"]
     assert figures == {"attempted": 3000, "stored": 3000, "lost": 0, "duplicated": 0, "wrong": 0}
+    assert called["ok"] == 40 and not called["failed"], called
+    assert store.count("calls") == 40, "every interactive call stored once"
 
 
 def test_four_workers_on_one_sqlite_file_lose_nothing_to_locks(tmp_path, side_redis):

@@ -67,6 +67,12 @@ def dashboard_queries() -> list[str]:
     return [t["expr"] for p in panels for t in p.get("targets", [])]
 
 
+def keda_queries() -> list[str]:
+    """Every PromQL expression of the KEDA example (deploy/keda)."""
+    scaled = yaml.safe_load((DEPLOY / "keda" / "scaledobject.yaml").read_text())
+    return [t["metadata"]["query"] for t in scaled["spec"]["triggers"]]
+
+
 def test_metric_names_are_read_out_of_promql():
     expr = (
         'sum by (queue) (rate(embedq_a_total{x="y}{"}[$__rate_interval]) * on(job, instance)'
@@ -268,7 +274,7 @@ def test_every_dashboard_query_names_exported_metrics_and_runs(scraped):
     assert code == 200, body
     exported |= exported_names(body)
     base = scraped["base"]
-    for expr in dashboard_queries():
+    for expr in dashboard_queries() + keda_queries():
         missing = metric_names(expr) - exported
         assert not missing, f"{expr} names metrics nobody exports: {missing}"
         # A bad join (many-to-many) or syntax is an error here, not an empty panel.

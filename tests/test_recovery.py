@@ -30,7 +30,15 @@ from embedq.keys import DELIVERY_PREFIX, LANDING_PREFIX, landing_key
 from embedq.store.factory import create_store
 from embedq.tools import procs
 from embedq.worker.leases import REDELIVERED_KEY, TaskLeases, held_tags, index_key, renew
-from tests.helpers import audit, corpus, free_port, private_redis, wait_rows
+from tests.helpers import (
+    audit,
+    corpus,
+    finish_callers,
+    free_port,
+    private_redis,
+    start_callers,
+    wait_rows,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +103,8 @@ def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, 
         stderr=subprocess.STDOUT,
         text=True,
     )
+    # Both classes in flight: an application's one-text calls beside the (bulk) ingest.
+    calls = start_callers(env, "calls", 60)
     try:
         with logged_worker(WORKER, env, log) as first:
             wait_rows(store, "killed", 500, timeout_s=240, alive=ingest)
@@ -106,15 +116,18 @@ def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, 
             first_new_row_s = _first_new_row_s(store, "killed", at_kill, killed, ingest)
             out = _finish_or_explain(ingest, broker, killed + KILL_TO_EXIT_S + 30)
             kill_to_exit_s = time.monotonic() - killed
+            called = finish_callers(calls)
     finally:
         ingest.kill()
+        calls.kill()
     summary = json.loads(out.strip().splitlines()[-1])
     figures = audit(env["EMBEDQ_DATABASE_URL"], "killed", docs)
     again = int(broker.get(REDELIVERED_KEY) or 0)
     print(
         f"\nFIGURES kill -9 at {at_kill}/4000 stored, {held} tasks held by the dead worker; "
         f"first new row {first_new_row_s:.1f} s after the kill; ingest exit "
-        f"{kill_to_exit_s:.1f} s after the kill; {again} redelivered; {json.dumps(figures)}"
+        f"{kill_to_exit_s:.1f} s after the kill; {again} redelivered; {json.dumps(figures)}; "
+        f"interactive calls meanwhile {json.dumps(called)}"
     )
     assert ingest.returncode == 0, out[-3000:]
     assert held >= 1, "the dead worker held tasks (else this test shows nothing)"
@@ -122,6 +135,8 @@ def test_kill_9_of_the_only_worker_at_15_percent_recovers_within_90_s(tmp_path, 
     assert summary["failed"] == 0 and summary["stored"] + summary["skipped"] == 4000
     assert figures == {"attempted": 4000, "stored": 4000, "lost": 0, "duplicated": 0, "wrong": 0}
     assert kill_to_exit_s <= KILL_TO_EXIT_S, (log.read_text()[-3000:], kill_to_exit_s)
+    assert called["ok"] == 60 and not called["failed"], called
+    assert store.count("calls") == 60, "every interactive call stored once"
 
 
 # The real worker, killed (as by the kernel) in the gap kombu's BRPOP leaves: the message

@@ -341,6 +341,8 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
         )
         worker = _worker(env, log)
         ingest, docs = _ingest(tmp_path, env, 2000)
+        # Both classes in flight: an application's one-text calls beside the ingest.
+        calls = helpers.start_callers(env, "calls", 40)
         try:
             helpers.wait_rows(create_store(env["EMBEDQ_DATABASE_URL"]), "scale", 300)
             _squeeze(client)
@@ -356,9 +358,11 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
                 health = api.get("/health")
             client.config_set("maxmemory", 0)
             out, err = ingest.communicate(timeout=600)
+            called = helpers.finish_callers(calls)
             alive = worker.poll() is None
         finally:
             ingest.kill()
+            calls.kill()
             procs.stop(worker)
     text = log.read_text()
     summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
@@ -372,6 +376,8 @@ def test_a_full_redis_mid_ingest_is_waited_out_and_loses_nothing(tmp_path):
     assert health.status_code == 503 and health.json()["status"] == "redis_full"
     assert "Redis is full" in err and summary["redis_full_waits"] >= 1
     assert figures == {"attempted": 2000, "stored": 2000, "lost": 0, "duplicated": 0, "wrong": 0}
+    assert called["ok"] == 40 and not called["failed"], called
+    assert create_store(env["EMBEDQ_DATABASE_URL"]).count("calls") == 40
 
 
 def _settings():

@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
+from embedq.broker.traffic import CLASSES
 from embedq.keys import stats_key
 from embedq.ops.backlog import figures, read_counts
 from embedq.ops.cost import cost_family, cost_report
@@ -219,6 +220,15 @@ def describe_worker(hostname: str, queues: list[str], device: str) -> None:
     # One series per process: dashboards join on it one-to-one by instance.
     WORKER_INFO.clear()
     WORKER_INFO.labels(hostname, ",".join(sorted(queues)), device).set(1)
+
+
+def describe_classes(queues: list[str]) -> None:
+    """Export the per-class series of this worker's queues at zero from the start, so
+    dashboards and alerts see them before the first expired task."""
+    for queue in queues:
+        for traffic in CLASSES:
+            TASKS_EXPIRED.labels(queue, traffic)
+            TASK_WAIT.labels(queue, traffic)
 
 
 def serve(client: redis.Redis, settings: Settings) -> int | None:

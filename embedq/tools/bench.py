@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from embedq.broker.client import connect
 from embedq.broker.results import get_result
 from embedq.errors import ConfigurationError
 from embedq.tools.interactive import percentiles_ms
+from embedq.tools.mixed import table as mixed_table
 from embedq.tools.procs import wait_ready, worker
 
 DATASETS = ("sick", "pydoc", "mixed")
@@ -187,6 +189,10 @@ class BenchOptions:
     latency_n: int = 200
     callers: int = 32
     interactive_n: int = 1000
+    #: Documents of the mixed scenario's ingest (0: no mixed scenario).
+    mixed_docs: int = 6000
+    #: The fairness scenario's two ingests, small and large (large 0: none).
+    fair_docs: tuple[int, int] = (500, 20_000)
     command: str = "embedq bench"
 
 
@@ -212,7 +218,14 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
     queue = DEVICE_QUEUES[device]
     flush = connect(opts.redis_url).flushdb
     flush()
-    env = {"EMBEDQ_REDIS_URL": opts.redis_url, "EMBEDQ_LRU_ITEMS": "1", "EMBEDQ_DEVICE": device}
+    scratch = Path(tempfile.mkdtemp(prefix="embedq-bench-"))
+    env = {
+        "EMBEDQ_REDIS_URL": opts.redis_url,
+        "EMBEDQ_LRU_ITEMS": "1",
+        "EMBEDQ_DEVICE": device,
+        # The mixed scenario's ingests store here, never in the user's own store.
+        "EMBEDQ_DATABASE_URL": f"sqlite:///{scratch / 'bench.db'}",
+    }
     with worker(queue, env, stop_timeout_s=120) as proc:
         get_result(embed_texts_async(["warm-up"], queue), WORKER_START_TIMEOUT_S)
         piped, budgets = {}, {}
@@ -224,12 +237,36 @@ def bench_device(device: str, opts: BenchOptions, data: dict[str, list[str]]) ->
         # The flush removed the worker's heartbeat: the API needs it back first.
         wait_ready([proc], opts.redis_url, queue)
         rows = interactive_rows(device, queue, opts, inter_texts, raw_inter)
+        mixed = mixed_rows(device, queue, opts, env, scratch) if opts.mixed_docs else None
     table_rows = [_row(device, name, len(data[name]), raw[name], piped[name]) for name in data]
     for row in table_rows:
         row["batch_budget_tokens"] = budgets[row["data"]]
     gap = round(lat["p50_ms"] - raw_lat["p50_ms"], 2)
     latency = {"device": device, "raw": raw_lat, "pipeline": lat, "p50_gap_ms": gap}
-    return {"rows": table_rows, "latency": latency, "interactive": rows}
+    return {"rows": table_rows, "latency": latency, "interactive": rows, "mixed": mixed}
+
+
+def mixed_rows(
+    device: str, queue: str, opts: BenchOptions, env: dict[str, str], scratch: Path
+) -> dict[str, Any]:
+    """One-text callers while an ingest runs, and two ingests at once (see
+    :mod:`embedq.tools.mixed`); pydoc docstrings cut to ~70 tokens, SICK sentences."""
+    from embedq.tools.mixed import MixedOptions, run_mixed
+
+    small, large = opts.fair_docs
+    mixed = MixedOptions(
+        queue=queue,
+        env=os.environ | env,
+        workdir=scratch,
+        docs=opts.mixed_docs,
+        callers=opts.callers,
+        alone_n=max(20, opts.interactive_n // 5),
+        small_docs=small,
+        large_docs=large,
+        fairness=large > 0,
+    )
+    docs, queries = load_texts("pydoc", opts.data_dir), load_texts("sick", opts.data_dir)
+    return {"device": device, **run_mixed(mixed, docs, queries)}
 
 
 def interactive_rows(
@@ -331,6 +368,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         "rows": [row for part in parts for row in part["rows"]],
         "latency": [part["latency"] for part in parts],
         "interactive": [row for part in parts for row in part["interactive"]],
+        "mixed": [part["mixed"] for part in parts if part.get("mixed")],
     }
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -348,10 +386,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     except ImportError as exc:
         raise ConfigurationError("the plot needs: pip install 'embedq[bench]'") from exc
     rows, inter = report["rows"], report.get("interactive") or []
+    mixed = report.get("mixed") or []
     labels = [f"{r['device']}\n{r['data']}" for r in rows]
     x = np.arange(len(rows))
-    width = max(5, 1.6 * len(rows)) + (1.4 * len(inter) if inter else 0)
-    fig, axes = plt.subplots(1, 2 if inter else 1, figsize=(width, 4), squeeze=False)
+    width = max(5, 1.6 * len(rows)) + (1.4 * len(inter) if inter else 0) + 4 * len(mixed)
+    panels = 1 + bool(inter) + len(mixed)
+    fig, axes = plt.subplots(1, panels, figsize=(width, 4), squeeze=False)
     ax = axes[0][0]
     ax.bar(x - 0.2, [r["raw_texts_per_s"] for r in rows], 0.4, label="raw encode")
     ax.bar(x + 0.2, [r["pipeline_texts_per_s"] for r in rows], 0.4, label="embedq pipeline")
@@ -363,6 +403,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.legend()
     if inter:
         _plot_interactive(axes[0][1], inter)
+    for i, part in enumerate(mixed):
+        _plot_mixed(axes[0][1 + bool(inter) + i], part)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -380,6 +422,27 @@ def _plot_interactive(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.set_xticks(x, labels)
     ax.set_ylabel("texts/s = requests/s")
     ax.set_title("interactive: concurrent callers, one text each")
+    ax.legend(fontsize=7)
+
+
+def _plot_mixed(ax: Any, mixed: dict[str, Any]) -> None:
+    """p50/p99 of one-text callers alone and while an ingest runs, with the ingest's share
+    of its speed alone."""
+    keys = sorted(k for k in mixed if k.startswith("callers_"))
+    x = np.arange(len(keys))
+    bars = ((-0.2, "alone", 0.4), (0.2, "during_ingest", 0.9))
+    for offset, when, shade in bars:
+        p99 = [mixed[k][when]["p99_ms"] for k in keys]
+        ax.bar(x + offset, p99, 0.4, alpha=shade, label=f"{when.replace('_', ' ')} p99")
+        p50 = [mixed[k][when]["p50_ms"] for k in keys]
+        ax.scatter(x + offset, p50, color="black", marker="_", s=200, zorder=3)
+    for i, k in enumerate(keys):
+        note = f"ingest at {mixed[k]['ingest_share']:.0%}"
+        ax.annotate(note, (i, mixed[k]["during_ingest"]["p99_ms"]), ha="center", fontsize=7)
+    ax.set_xticks(x, [f"x{mixed[k]['alone']['callers']}" for k in keys])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (bar p99, tick p50)")
+    ax.set_title(f"{mixed['device']}: callers during an ingest of {mixed['docs']:,} docs")
     ax.legend(fontsize=7)
 
 
@@ -420,13 +483,16 @@ def table(report: dict[str, Any]) -> str:
         )
     if report.get("interactive"):
         lines += ["", interactive_table(report)]
+    for mixed in report.get("mixed") or []:
+        lines += ["", f"mixed traffic ({mixed['device']}):", mixed_table(mixed)]
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     """``python -m embedq.tools.bench '<options as JSON>'``: what ``embedq bench`` runs."""
     raw = json.loads(argv[0])
-    opts = BenchOptions(**raw | {"out": Path(raw["out"]), "data_dir": Path(raw["data_dir"])})
+    paths = {"out": Path(raw["out"]), "data_dir": Path(raw["data_dir"])}
+    opts = BenchOptions(**raw | paths | {"fair_docs": tuple(raw["fair_docs"])})
     print(table(run(opts)))
 
 

@@ -68,6 +68,7 @@ def _start_heartbeat(consumer: Any) -> None:
     port = metrics.serve(shared_client(), runtime.settings)
     shared, _ = split_queues(queues, consumer.hostname)
     metrics.describe_worker(consumer.hostname, shared, runtime.encoder.device)
+    metrics.describe_classes(shared)
     beat = Heartbeat(
         shared_client(),
         queues,
