@@ -294,6 +294,8 @@ def test_a_worker_takes_interactive_first_and_drops_what_expired(tmp_path, side_
     from embedq.broker.client import connect
     from embedq.keys import vector_key
     from embedq.ops.backlog import read_counts
+    from embedq.ops.status import build_report, render
+    from embedq.settings import Settings
     from tests.helpers import ROOT, isolated_env, wait_until, workers
 
     url = side_redis(9)
@@ -317,9 +319,51 @@ def test_a_worker_takes_interactive_first_and_drops_what_expired(tmp_path, side_
         redis = connect(url)
         counts = wait_until(lambda: read_counts(redis).get("expired:cpu:interactive"), 10, 0.1)
         model_id = json.loads(redis.hvals("embedq:hb:payloads")[0])["model_id"]
+        report = build_report(redis, None, Settings(redis_url=url))
+    rows = {(r["queue"], r["traffic"]): r for r in report.traffic}
+    assert rows["cpu", "bulk"]["done"] == 12 and rows["cpu", "interactive"]["done"] == 1
+    assert rows["cpu", "interactive"]["expired"] == 1
+    assert rows["cpu", "bulk"]["started"] == 12 and rows["cpu", "bulk"]["wait_p99_s"] > 0
+    assert "cpu interactive: 0 waiting, backlog 0 s" in render(report)
     # Its caller got its timeout; the worker dropped it, counted, never encoded.
     assert found["gave_up"] and found["late"] == "REVOKED" and counts == 1
     assert not redis.exists(vector_key(model_id, True, f"{tag} nobody waits for me"))
     assert redis.exists(vector_key(model_id, True, f"{tag} a query")), "what ran is cached"
     # Taken as a slot freed: after at most EMBEDQ_BULK_MIN_TASKS (2) bulk tasks began.
     assert found["bulk_ahead"] <= 4, found
+
+
+def _waits(kind: str) -> float:
+    """How many tasks of ``kind`` this process's (in-process) worker has started."""
+    from embedq.ops.metrics import TASK_WAIT
+
+    return sum(
+        s.value
+        for m in TASK_WAIT.collect()
+        for s in m.samples
+        if s.name.endswith("_count") and s.labels.get("class") == kind
+    )
+
+
+def test_callers_choose_a_class_and_a_wrong_one_is_refused_before_sending(celery_worker):
+    from fastapi.testclient import TestClient
+
+    from embedq.api import create_app
+    from embedq.producer import embed
+    from embedq.settings import get_settings
+    from embedq.tasks import embed_texts
+    from tests.helpers import unique_texts
+
+    with pytest.raises(InvalidInputError, match="traffic must be one of"):
+        embed_texts.apply_async((["x"],), traffic="urgent")
+    before = _waits("bulk"), _waits("interactive")
+    assert embed(unique_texts(3, "explicit bulk"), traffic="bulk").shape == (3, 384)
+    api = TestClient(create_app(get_settings().model_copy(update={"api_keys": "k"})))
+    auth = {"Authorization": "Bearer k"}
+    bulk = api.post("/embed", json={"texts": ["x y"]}, headers=auth | {"X-Embedq-Traffic": "bulk"})
+    assert bulk.status_code == 200, bulk.text
+    query = api.post("/v1/embeddings", json={"input": "a query"}, headers=auth)
+    assert query.status_code == 200, query.text
+    wrong = api.post("/embed", json={"texts": ["x"], "traffic": "urgent"}, headers=auth)
+    assert wrong.status_code == 422
+    assert (_waits("bulk") - before[0], _waits("interactive") - before[1]) == (2, 1)
