@@ -16,7 +16,9 @@ Steps, each timed (``gpu_run.log``), each with its own log, all within ``--budge
 3. pytest: ``tests/test_gpu.py`` (``pytest.log``);
 4. bench: ``embedq bench --device cuda`` on sick, pydoc and mixed, 3 repeats
    (``bench.log``, ``bench/bench.json``, ``bench/bench.png``); its raw baseline runs
-   ``encode`` in the same dtype at its fastest batch size (128-1024, ``raw_batch_size``).
+   ``encode`` in the same dtype at its fastest batch size (128-1024, ``raw_batch_size``);
+   then mixed traffic: 1 and 32 one-text callers while 6,000 documents are ingested, and
+   ingests of 500 and 20,000 documents started together.
 
 ``--gpu-dtype`` (or ``EMBEDQ_GPU_DTYPE``) sets the dtype of every step (float16 default).
 
@@ -399,8 +401,11 @@ def bench_cmd(run: Run) -> list[str]:
     cmd += [a for d in ("sick", "pydoc", "mixed") for a in ("--data", d)]
     cmd += ["--data-dir", str(run.carry / "data"), "--out", str(run.out / "bench")]
     if run.dry:
-        return [*cmd, "--repeats", "1", "--limit", str(run.dry_limit), "--latency-n", "4"]
-    return [*cmd, "--repeats", "3"]
+        tiny = ["--latency-n", "4", "--callers", "4", "--interactive-n", "20"]
+        mixed = ["--mixed-docs", str(run.dry_limit * 4), "--fair-docs", f"{run.dry_limit},40"]
+        return [*cmd, "--repeats", "1", "--limit", str(run.dry_limit), *tiny, *mixed]
+    # Mixed traffic: one-text callers during an ingest, and two ingests at once.
+    return [*cmd, "--repeats", "3", "--mixed-docs", "6000", "--fair-docs", "500,20000"]
 
 
 def measure(run: Run, env: dict[str, str]) -> None:
@@ -428,8 +433,11 @@ def summarize(run: Run) -> int:
         run.say(f"summary: {name}: {outcome}")
     report = run.out / "bench" / "bench.json"
     if report.is_file():
-        for row in json.loads(report.read_text())["rows"]:
+        found = json.loads(report.read_text())
+        for row in found["rows"]:
             run.say(f"bench: {json.dumps(row)}")
+        for mixed in found.get("mixed") or []:
+            run.say(f"mixed: {json.dumps(mixed)}")
     failed = [n for n, o in run.results.items() if not o.startswith("ok")]
     run.say(f"done: {'FAILED: ' + ', '.join(failed) if failed else 'all steps ok'}")
     return 1 if failed else 0

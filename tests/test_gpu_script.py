@@ -108,6 +108,8 @@ def test_dry_run_runs_every_step_and_leaves_its_result_files(carry: Path, tmp_pa
     report = json.loads((out / "bench" / "bench.json").read_text())
     rows = {(r["device"], r["data"], r["texts"]) for r in report["rows"]}
     assert rows == {("cpu", name, 8) for name in ("sick", "pydoc", "mixed")}
+    (mixed,) = report["mixed"]
+    assert mixed["ingest_alone"]["stored"] == 32 and mixed["callers_4"]["during_ingest"]["requests"]
     log = (out / "gpu_run.log").read_text()
     for step in ("check-deps", "env", "smoke", "pytest", "bench"):
         assert f"summary: {step}: ok" in log
