@@ -160,6 +160,7 @@ class Batcher:
         # Interactive requests submitted so far, and when the last one came (task threads
         # write these; the batcher thread only reads them).
         self._arrivals, self._last_interactive = 0, -math.inf
+        self._arrivals_lock = threading.Lock()
         self._round_start_arrivals = 0
         self._round_traffic = Traffic.BULK
         self._closing = False
@@ -179,8 +180,9 @@ class Batcher:
         request and the future fails with ``DeadlineExceededError``."""
         request = Request(texts, normalize, traffic, job, deadline)
         if traffic is Traffic.INTERACTIVE:
-            self._last_interactive = time.monotonic()
-            self._arrivals += 1
+            with self._arrivals_lock:
+                self._last_interactive = time.monotonic()
+                self._arrivals += 1
         self._intake.put(request)
         return request.future
 
@@ -208,17 +210,28 @@ class Batcher:
 
     def _run(self) -> None:
         while self._take_in():
-            for request in self.pool.expire():
-                self.stats.expired += 1
-                log.info(
-                    "dropped a %s request of %d texts: deadline passed",
-                    request.traffic,
-                    len(request.texts),
-                )
+            self._expire()
             try:
                 self._serve_round()
             except Exception:  # the thread must survive anything one round does
                 log.exception("batch round failed")
+
+    def _expire(self) -> None:
+        """Answer requests past their deadline; release the leases of texts nobody waits
+        for any more (other workers need not wait for vectors that will not come)."""
+        gone = self.pool.expire()
+        for request in gone:
+            log.info(
+                "dropped %s request of %d texts: its deadline passed",
+                request.traffic,
+                len(request.texts),
+            )
+        self.stats.expired += len(gone)
+        dropped = {s.key: s for r in gone for s in r.slots if s.leased and not s.waiters}
+        if dropped and self.flight is not None:
+            for slot in dropped.values():
+                slot.leased = False
+            self.flight.release(list(dropped))
 
     # --- intake -------------------------------------------------------------------------
 
