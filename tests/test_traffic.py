@@ -93,11 +93,15 @@ def test_a_stamp_carries_priority_headers_and_the_deadline():
     assert bulk["priority"] == 9 and bulk["expires"] == 5, "the caller's expires wins"
     assert traffic.carried(bulk) is Traffic.BULK, "a retry keeps its class"
     assert "expires" not in _stamped(Traffic.BULK), "bulk has no default deadline"
+    assert "expires" not in _stamped(Traffic.INTERACTIVE, stores=True), "nor a write"
+    assert "expires" not in _stamped(Traffic.INTERACTIVE, deadline_s=0), "0: none"
 
 
-def _stamped(kind: Traffic) -> dict[str, object]:
+def _stamped(
+    kind: Traffic, stores: bool = False, deadline_s: float | None = None
+) -> dict[str, object]:
     options: dict[str, object] = {}
-    stamp(options, kind, None, None)
+    stamp(options, kind, None, deadline_s, stores)
     return options
 
 

@@ -89,10 +89,18 @@ def new_job() -> str:
 
 
 def stamp(
-    options: dict[str, Any], traffic: Traffic, job: str | None, deadline_s: float | None
+    options: dict[str, Any],
+    traffic: Traffic,
+    job: str | None,
+    deadline_s: float | None,
+    stores: bool = False,
 ) -> None:
     """Write a task's class into its Celery send ``options``: priority, headers, and its
-    deadline as ``expires`` (seconds from now; an ``expires`` the caller gave wins)."""
+    deadline as ``expires`` (seconds from now; an ``expires`` the caller gave wins; 0: none).
+
+    Without a deadline from the caller, an interactive task gets
+    ``EMBEDQ_INTERACTIVE_DEADLINE_S`` unless it ``stores`` (``collection=``): a write is
+    never dropped for a deadline nobody asked for."""
     headers = options.setdefault("headers", {}) or {}
     options["headers"] = headers
     headers[CLASS_HEADER] = traffic.value
@@ -100,9 +108,9 @@ def stamp(
     if job:
         headers[JOB_HEADER] = job
     options["priority"] = REDIS_PRIORITY[traffic]
-    if deadline_s is None and traffic is Traffic.INTERACTIVE:
-        deadline_s = get_settings().interactive_deadline_s or None
-    if deadline_s is not None and options.get("expires") is None:
+    if deadline_s is None and traffic is Traffic.INTERACTIVE and not stores:
+        deadline_s = get_settings().interactive_deadline_s
+    if deadline_s and options.get("expires") is None:
         options["expires"] = float(deadline_s)
 
 

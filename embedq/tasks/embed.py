@@ -89,7 +89,8 @@ class EmbedTask(Task):
         mine = {name: options.pop(name) for name in TRAFFIC_OPTIONS if name in options}
         items = task_items(args, kwargs) or ()
         traffic = choose(mine.get("traffic") or carried(options), self.traffic, len(items))
-        stamp(options, traffic, mine.get("job"), mine.get("deadline_s"))
+        stores = bool(self._bind(args, kwargs).get("collection"))
+        stamp(options, traffic, mine.get("job"), mine.get("deadline_s"), stores)
         argsrepr, kwargsrepr = redact(args, kwargs, traffic)
         options.setdefault("argsrepr", argsrepr)
         options.setdefault("kwargsrepr", kwargsrepr)
