@@ -321,6 +321,8 @@ def test_a_worker_takes_interactive_first_and_drops_what_expired(tmp_path, side_
         assert client.returncode == 0, err[-3000:]
         found = json.loads(out.strip().splitlines()[-1])
         redis = connect(url)
+        # Workers write their counts a few times a second.
+        wait_until(lambda: read_counts(redis).get("done:cpu:bulk") == 12, 10, 0.1, "counts")
         counts = wait_until(lambda: read_counts(redis).get("expired:cpu:interactive"), 10, 0.1)
         model_id = json.loads(redis.hvals("embedq:hb:payloads")[0])["model_id"]
         report = build_report(redis, None, Settings(redis_url=url))

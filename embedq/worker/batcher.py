@@ -164,6 +164,8 @@ class Batcher:
         self._round_start_arrivals = 0
         self._round_traffic = Traffic.BULK
         self._closing = False
+        # Bulk requests held back one round behind interactive ones (see _take_in).
+        self._later: list[Request] = []
         self._thread = threading.Thread(target=self._run, name="embedq-batcher", daemon=True)
         self._thread.start()
 
@@ -237,16 +239,23 @@ class Batcher:
 
     def _take_in(self) -> bool:
         """Admit what arrived (waiting for it while there is nothing to do); False once
-        closed and everything queued is served."""
-        items = self._arrived(block=not len(self.pool))
-        requests = [i for i in items if isinstance(i, Request)]
+        closed and everything queued is served. Bulk requests that came with interactive
+        ones are admitted after the interactive round (their cache lookup and tokenizing
+        would delay it)."""
+        items = self._arrived(block=not len(self.pool) and not self._later)
+        requests = self._later + [i for i in items if isinstance(i, Request)]
+        self._later = []
+        if any(r.traffic is Traffic.INTERACTIVE for r in requests):
+            self._later = [r for r in requests if r.traffic is not Traffic.INTERACTIVE]
+            requests = [r for r in requests if r.traffic is Traffic.INTERACTIVE]
         self._closing = self._closing or any(i is None for i in items)
         if requests:
             self._admit(requests)
         for item in items:
             if isinstance(item, _Landed):
                 self._land(item)
-        return not (self._closing and not len(self.pool) and not self._watched)
+        idle = not len(self.pool) and not self._watched and not self._later
+        return not (self._closing and idle)
 
     def _arrived(self, block: bool) -> list[Request | _Landed | None]:
         """Everything in the intake now; when ``block``, first wait for one item, then up
