@@ -243,11 +243,13 @@ class Batcher:
         ones are admitted after the interactive round (their cache lookup and tokenizing
         would delay it)."""
         items = self._arrived(block=not len(self.pool) and not self._later)
-        requests = self._later + [i for i in items if isinstance(i, Request)]
-        self._later = []
+        later, self._later = self._later, []
+        requests = [i for i in items if isinstance(i, Request)]
+        # Held back one round at most: bulk is never starved by this.
         if any(r.traffic is Traffic.INTERACTIVE for r in requests):
             self._later = [r for r in requests if r.traffic is not Traffic.INTERACTIVE]
             requests = [r for r in requests if r.traffic is Traffic.INTERACTIVE]
+        requests = later + requests
         self._closing = self._closing or any(i is None for i in items)
         if requests:
             self._admit(requests)
