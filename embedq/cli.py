@@ -362,11 +362,8 @@ def bench(
     ),
 ) -> None:
     """Raw SentenceTransformer.encode vs the pipeline: texts/s, tokens/s, latency; JSON+PNG."""
-    import os
-    import subprocess
-
     from embedq.broker.url import redis_url
-    from embedq.tools.bench import BenchOptions, with_db
+    from embedq.tools.bench import BenchOptions, launch, with_db
 
     options = BenchOptions(
         redis_url=with_db(redis_url(), redis_db),
@@ -384,13 +381,7 @@ def bench(
         fair_docs=_pair(fair_docs, "--fair-docs"),
         command=" ".join(["embedq", *sys.argv[1:]]),
     )
-    spec = json.dumps(asdict(options), default=str)
-    env = os.environ | {"EMBEDQ_REDIS_URL": options.redis_url, "EMBEDQ_LRU_ITEMS": "1"}
-    # Its own process: this one's Celery app is already bound to the configured Redis.
-    done = subprocess.run([sys.executable, "-m", "embedq.tools.bench", spec], env=env, check=False)
-    if done.returncode == 0:
-        typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
-    raise typer.Exit(done.returncode)
+    raise typer.Exit(launch(options))
 
 
 def _pair(text: str, flag: str) -> tuple[int, int]:

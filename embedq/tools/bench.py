@@ -24,11 +24,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
@@ -486,6 +487,17 @@ def table(report: dict[str, Any]) -> str:
     for mixed in report.get("mixed") or []:
         lines += ["", f"mixed traffic ({mixed['device']}):", mixed_table(mixed)]
     return "\n".join(lines)
+
+
+def launch(opts: BenchOptions) -> int:
+    """Run :func:`run` in a process of its own (the caller's Celery app is already bound to
+    the configured Redis, not the bench's database); its exit code."""
+    spec = json.dumps(asdict(opts), default=str)
+    env = os.environ | {"EMBEDQ_REDIS_URL": opts.redis_url, "EMBEDQ_LRU_ITEMS": "1"}
+    done = subprocess.run([sys.executable, "-m", "embedq.tools.bench", spec], env=env, check=False)
+    if done.returncode == 0:
+        print(f"wrote {opts.out / 'bench.json'} and {opts.out / 'bench.png'}")
+    return done.returncode
 
 
 def main(argv: list[str]) -> None:
