@@ -298,12 +298,17 @@ def get_searcher() -> Searcher:
         return _searcher
 
 
+def check_query(text: Any) -> None:
+    """A query is a non-empty string."""
+    if not isinstance(text, str) or not text:
+        raise InvalidInputError("the query must be a non-empty string")
+
+
 def embed_query(text: str, timeout_s: float = 60.0, model: str | None = None) -> np.ndarray:
     """The query's vector, through the queue (and so through the cache), by ``model``."""
     from embedq.tasks import embed_texts
 
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError("the query must be a non-empty string")
+    check_query(text)
     return np.asarray(get_and_forget(embed_texts.delay([text], model=model), timeout_s))[0]
 
 
@@ -323,9 +328,13 @@ def search(
     check_k(k)
     parse_collection(collection)
     parsed = parse_where(where)
+    check_query(text)
     searcher = get_searcher()
     # The query is embedded by the model the collection is bound to.
-    query = embed_query(text, model=searcher.store.collection_model(collection))
+    model = searcher.store.collection_model(collection)
+    if model is None and not searcher.store.count(collection):
+        return []  # nothing was ever stored there: no hits, and no query to embed
+    query = embed_query(text, model=model)
     return searcher.search(query, collection, k, parsed, parents)
 
 
