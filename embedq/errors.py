@@ -56,6 +56,11 @@ class StoreError(EmbedqError):
     """The durable store refused a write or a read."""
 
 
+class NoWorkerError(EmbedqError):
+    """A task names a queue (and model) that no live worker serves while other workers are
+    alive: refused when sent (HTTP 503), so it never waits in a queue nobody reads."""
+
+
 class BrokerUnavailableError(EmbedqError):
     """No Redis answers at the configured URL and no embedded one could be started."""
 
