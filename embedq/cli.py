@@ -264,16 +264,16 @@ def api(
     ),
 ) -> None:
     """Serve the HTTP API (needs EMBEDQ_API_KEYS unless --insecure-no-auth)."""
-    import uvicorn
-
     from embedq.api import create_app
+    from embedq.api_limits import serve
     from embedq.errors import ConfigurationError
+    from embedq.settings import get_settings
 
     try:
         app = create_app(allow_anonymous=insecure_no_auth)
     except ConfigurationError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    serve(app, host, port, get_settings())
 
 
 @cli.command()

@@ -175,8 +175,10 @@ def _parse_object(where: Any, path: str) -> Group:
 
 
 def _parse_combinator(name: str, value: Any, path: str) -> Group:
-    if not isinstance(value, list) or not value:
-        raise InvalidFilterError(f"{path}: {name} takes a non-empty list of filter objects")
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CONDITIONS:
+        raise InvalidFilterError(
+            f"{path}: {name} takes a list of 1 to {MAX_CONDITIONS} filter objects"
+        )
     parts = tuple(_parse_object(item, f"{path}[{i}]") for i, item in enumerate(value))
     return Group(parts, all_of=name == "$and")
 
@@ -354,3 +356,71 @@ def _sqlite_json_equal(a: str | None, b: str | None) -> bool:
 def register_sqlite_functions(dbapi_connection: Any, _record: Any = None) -> None:
     """Give a new SQLite connection the functions compiled filters call."""
     dbapi_connection.create_function(SQLITE_JSON_EQUAL, 2, _sqlite_json_equal, deterministic=True)
+
+
+# --- The language as JSON Schema (the HTTP API's OpenAPI document) -------------------------
+
+
+def json_schemas(ref: str) -> dict[str, dict[str, Any]]:
+    """JSON Schemas of a filter (``Where``) and its parts, referring to each other under
+    ``ref`` (e.g. ``#/components/schemas/``). What they cannot say is in the description:
+    at most ``MAX_CONDITIONS`` conditions and ``MAX_LIST_VALUES`` listed values in all,
+    ``MAX_DEPTH`` levels, ``MAX_BYTES`` as JSON, no lone surrogates."""
+    text = {"type": "string", "pattern": "^[^\\u0000]*$"}
+    names = {"type": "string", "maxLength": MAX_KEY_CHARS, "pattern": "^[^\\u0000]*$"}
+    number = {"type": "number", "minimum": NUMBER_MIN, "maximum": NUMBER_MAX}
+    value = {"$ref": f"{ref}FilterValue"}
+    scalars = [{"type": "null"}, {"type": "boolean"}, number, text]
+    array = {"type": "array", "items": value}
+    listed = {"type": "array", "maxItems": MAX_LIST_VALUES, "items": value}
+    operators = {op: value for op in ("$eq", "$ne")} | {op: listed for op in ("$in", "$nin")}
+    parts = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": MAX_CONDITIONS,
+        "items": {"$ref": f"{ref}Where"},
+    }
+    plain = "[^$\\u0000][^\\u0000]*"
+    return {
+        "FilterValue": {
+            "description": "Any JSON value a metadata value is compared with.",
+            "anyOf": [
+                *scalars,
+                array,
+                {"type": "object", "propertyNames": names, "additionalProperties": value},
+            ],
+        },
+        "FilterOperators": {
+            "description": "Operators applied to one key; every one must hold.",
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": False,
+            "properties": operators
+            | {op: number for op in COMPARISONS}
+            | {"$exists": {"type": "boolean"}},
+        },
+        "FilterCondition": {
+            "description": "A value the key must equal (JSON equality), or operators.",
+            "anyOf": [
+                *scalars,
+                array,
+                {
+                    "type": "object",
+                    "propertyNames": {**names, "pattern": f"^(?:{plain})?$"},
+                    "additionalProperties": value,
+                },
+                {"$ref": f"{ref}FilterOperators"},
+            ],
+        },
+        "Where": {
+            "description": (__doc__ or "").split("\n\n")[1]
+            + f" Limits: {MAX_CONDITIONS} conditions and {MAX_LIST_VALUES} listed values in"
+            f" all, {MAX_DEPTH} levels, {MAX_BYTES} bytes as JSON, keys of at most"
+            f" {MAX_KEY_CHARS} characters, numbers within +-2**63, no NUL.",
+            "type": "object",
+            "maxProperties": MAX_CONDITIONS,
+            "propertyNames": {**names, "pattern": f"^(?:\\$and|\\$or|{plain})?$"},
+            "properties": {"$and": parts, "$or": parts},
+            "additionalProperties": {"$ref": f"{ref}FilterCondition"},
+        },
+    }
