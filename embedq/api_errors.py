@@ -109,8 +109,8 @@ def _public(exc: Exception) -> str:
 
 
 def install_errors(api: FastAPI) -> None:
-    """Render every error the routes raise as :func:`error_response`; unknown ones stay
-    500s (none is known to happen)."""
+    """Render every error the routes raise as :func:`error_response`; an unknown one is a
+    500 in the same shape (none is known to happen)."""
 
     @api.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -134,6 +134,12 @@ def install_errors(api: FastAPI) -> None:
         status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))
         return error_response(status, _public(exc), type(exc).__name__)
 
-    # One handler per known class (Starlette picks the closest by MRO); others are 500s.
+    # One handler per known class (Starlette picks the closest by MRO).
     for kind, _status in STATUS_OF:
         api.add_exception_handler(kind, known)
+
+    @api.exception_handler(Exception)
+    async def unknown(_: Request, exc: Exception) -> JSONResponse:
+        # A bug: its traceback goes to the log (Starlette re-raises), its words nowhere.
+        message = f"internal error ({type(exc).__name__}); the API's log has the reason"
+        return error_response(500, message, "InternalError")

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from embedq.api import create_app
-from embedq.errors import ConfigurationError
+from embedq.errors import ConfigurationError, StoreError
 from embedq.settings import get_settings
 from tests.helpers import unique_texts
 
@@ -144,3 +144,23 @@ def test_health_metadata_and_search(client):
     )
     # Documented: a collection nothing was stored in has no hits.
     assert missing.status_code == 200 and missing.json()["hits"] == []
+
+
+def test_a_store_failure_or_a_bug_says_nothing_of_the_database():
+    app = _app()
+
+    def store_down() -> None:
+        raise StoreError("could not read items: OperationalError: unable to open database file")
+
+    def bug() -> None:
+        raise KeyError("embedq_items.metadata")
+
+    app.add_api_route("/store-down", store_down)
+    app.add_api_route("/bug", bug)
+    client = TestClient(app, raise_server_exceptions=False)
+    down = client.get("/store-down")
+    assert down.status_code == 502 and down.json()["error"]["type"] == "StoreError"
+    assert "OperationalError" not in down.text and "database file" not in down.text
+    broken = client.get("/bug")
+    assert broken.status_code == 500 and broken.json()["error"]["code"] == 500
+    assert "embedq_items" not in broken.text

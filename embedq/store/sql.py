@@ -478,10 +478,10 @@ class SQLStore(Store):
                     for rows in result.partitions():
                         yield _vector_page(rows, dim)
                     return
-                keys = [int(p) for p in among]
-                for start in range(0, len(keys), page):
-                    chunk = query.where(ItemRow.pk.in_(keys[start : start + page]))
-                    yield _vector_page(conn.execute(chunk).all(), dim)
+                # A page of keys at a time: among may hold 20,000 (a narrow filter's keys).
+                for start in range(0, len(among), page):
+                    keys = [int(p) for p in among[start : start + page]]
+                    yield _vector_page(conn.execute(query.where(ItemRow.pk.in_(keys))).all(), dim)
         # A generator runs after its caller returned: the decorator cannot translate here.
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read vectors: {brief(exc)}") from exc
