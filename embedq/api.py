@@ -27,14 +27,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from embedq.api_errors import (
-    ApiError,
-    documented,
-    documented_json,
-    error_response,
-    install_errors,
-)
-from embedq.api_limits import RequestLimits
 from embedq.broker.client import (
     MemoryWatch,
     describe,
@@ -57,6 +49,14 @@ from embedq.producer.router import router as router_state
 from embedq.producer.serving import empty_result
 from embedq.settings import QUEUES, Settings, get_settings, split_models
 from embedq.store.filters import json_schemas, parse_where
+from embedq.web.errors import (
+    ApiError,
+    documented,
+    documented_json,
+    error_response,
+    install_errors,
+)
+from embedq.web.limits import RequestLimits
 
 log = logging.getLogger(__name__)
 

@@ -175,7 +175,11 @@ def search(
     text: str = typer.Argument(..., help="What to look for."),
     collection: str = typer.Option(..., envvar="EMBEDQ_COLLECTION"),
     k: int = typer.Option(5, "-k", envvar="EMBEDQ_K"),
-    where: list[str] = typer.Option([], help="Metadata filter key=value (value parsed as JSON)."),
+    where: list[str] = typer.Option(
+        [],
+        help='Metadata filter key=value, the value parsed as JSON (n={"$gt": 2} too); repeat '
+        "for more (all must hold). See the README's Filters.",
+    ),
     parents: bool = typer.Option(False, "--parents", help="One hit per document, not per chunk."),
     as_json: bool = typer.Option(False, "--json", envvar="EMBEDQ_JSON"),
 ) -> None:
@@ -265,9 +269,9 @@ def api(
 ) -> None:
     """Serve the HTTP API (needs EMBEDQ_API_KEYS unless --insecure-no-auth)."""
     from embedq.api import create_app
-    from embedq.api_limits import serve
     from embedq.errors import ConfigurationError
     from embedq.settings import get_settings
+    from embedq.web.limits import serve
 
     try:
         app = create_app(allow_anonymous=insecure_no_auth)

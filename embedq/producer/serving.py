@@ -8,7 +8,7 @@ and wait in their queue as Celery's do; the HTTP API answers 503 then (``/health
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from uuid import uuid4
 
 import numpy as np
@@ -21,10 +21,16 @@ from embedq.encode.models import serves
 from embedq.errors import NoWorkerError, UnknownModelError
 from embedq.ops.registry import listed_models
 
-if TYPE_CHECKING:
-    from embedq.producer.router import Router
-
 Beats = dict[str, list[dict[str, Any]]]
+
+
+class Source(Protocol):
+    """Where live heartbeats come from: the router (:class:`embedq.producer.router.Router`),
+    which reads them at most once a second, or now when ``fresh``."""
+
+    def heartbeats(self, fresh: bool = False) -> Beats:
+        """Live workers per queue."""
+        ...
 
 
 def workers_of(beats: Beats, queue: str | None) -> list[dict[str, Any]]:
@@ -51,7 +57,7 @@ def served_dim(beats: Beats, queue: str | None, model: str | None) -> int | None
     return next((d for d in dims if d), None)
 
 
-def require_serving(source: Router, queue: str | None, model: str | None = None) -> None:
+def require_serving(source: Source, queue: str | None, model: str | None = None) -> None:
     """Raise :class:`NoWorkerError` when workers are alive but none takes ``queue`` (None:
     any) with ``model`` (:class:`UnknownModelError` when no live worker serves that model
     at all), read again before refusing (a worker may just have started). Nothing is raised
@@ -84,7 +90,7 @@ def _refusal(beats: Beats, queue: str | None, model: str | None) -> Exception:
     )
 
 
-def empty_result(source: Router, queue: str | None, model: str | None) -> EagerResult | None:
+def empty_result(source: Source, queue: str | None, model: str | None) -> EagerResult | None:
     """The answer to an empty request, shape (0, dim), with no task sent; raises as a task
     would be refused (see :func:`require_serving`); None when no live worker says its
     dimension (the task is then sent and waits for one)."""

@@ -366,61 +366,67 @@ def json_schemas(ref: str) -> dict[str, dict[str, Any]]:
     ``ref`` (e.g. ``#/components/schemas/``). What they cannot say is in the description:
     at most ``MAX_CONDITIONS`` conditions and ``MAX_LIST_VALUES`` listed values in all,
     ``MAX_DEPTH`` levels, ``MAX_BYTES`` as JSON, no lone surrogates."""
-    text = {"type": "string", "pattern": "^[^\\u0000]*$"}
-    names = {"type": "string", "maxLength": MAX_KEY_CHARS, "pattern": "^[^\\u0000]*$"}
-    number = {"type": "number", "minimum": NUMBER_MIN, "maximum": NUMBER_MAX}
     value = {"$ref": f"{ref}FilterValue"}
-    scalars = [{"type": "null"}, {"type": "boolean"}, number, text]
-    array = {"type": "array", "items": value}
     listed = {"type": "array", "maxItems": MAX_LIST_VALUES, "items": value}
-    operators = {op: value for op in ("$eq", "$ne")} | {op: listed for op in ("$in", "$nin")}
-    parts = {
-        "type": "array",
-        "minItems": 1,
-        "maxItems": MAX_CONDITIONS,
-        "items": {"$ref": f"{ref}Where"},
+    literal = {
+        "type": "object",
+        "propertyNames": {**_NAMES, "pattern": f"^(?:{_PLAIN})?$"},
+        "additionalProperties": value,
     }
-    plain = "[^$\\u0000][^\\u0000]*"
     return {
         "FilterValue": {
             "description": "Any JSON value a metadata value is compared with.",
-            "anyOf": [
-                *scalars,
-                array,
-                {"type": "object", "propertyNames": names, "additionalProperties": value},
-            ],
+            "anyOf": [*_scalars(), _array(value), _object(value)],
         },
         "FilterOperators": {
             "description": "Operators applied to one key; every one must hold.",
             "type": "object",
             "minProperties": 1,
             "additionalProperties": False,
-            "properties": operators
-            | {op: number for op in COMPARISONS}
+            "properties": {op: value for op in ("$eq", "$ne")}
+            | {op: listed for op in ("$in", "$nin")}
+            | {op: _NUMBER for op in COMPARISONS}
             | {"$exists": {"type": "boolean"}},
         },
         "FilterCondition": {
             "description": "A value the key must equal (JSON equality), or operators.",
-            "anyOf": [
-                *scalars,
-                array,
-                {
-                    "type": "object",
-                    "propertyNames": {**names, "pattern": f"^(?:{plain})?$"},
-                    "additionalProperties": value,
-                },
-                {"$ref": f"{ref}FilterOperators"},
-            ],
+            "anyOf": [*_scalars(), _array(value), literal, {"$ref": f"{ref}FilterOperators"}],
         },
-        "Where": {
-            "description": (__doc__ or "").split("\n\n")[1]
-            + f" Limits: {MAX_CONDITIONS} conditions and {MAX_LIST_VALUES} listed values in"
-            f" all, {MAX_DEPTH} levels, {MAX_BYTES} bytes as JSON, keys of at most"
-            f" {MAX_KEY_CHARS} characters, numbers within +-2**63, no NUL.",
-            "type": "object",
-            "maxProperties": MAX_CONDITIONS,
-            "propertyNames": {**names, "pattern": f"^(?:\\$and|\\$or|{plain})?$"},
-            "properties": {"$and": parts, "$or": parts},
-            "additionalProperties": {"$ref": f"{ref}FilterCondition"},
-        },
+        "Where": _where_schema(ref),
+    }
+
+
+_TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
+_NAMES = {**_TEXT, "maxLength": MAX_KEY_CHARS}
+_NUMBER = {"type": "number", "minimum": NUMBER_MIN, "maximum": NUMBER_MAX}
+# A key that is not an operator: it does not start with $ (and holds no NUL).
+_PLAIN = "[^$\\u0000][^\\u0000]*"
+
+
+def _scalars() -> list[dict[str, Any]]:
+    return [{"type": "null"}, {"type": "boolean"}, _NUMBER, _TEXT]
+
+
+def _array(value: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": value}
+
+
+def _object(value: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "propertyNames": _NAMES, "additionalProperties": value}
+
+
+def _where_schema(ref: str) -> dict[str, Any]:
+    parts = {"type": "array", "minItems": 1, "maxItems": MAX_CONDITIONS}
+    parts["items"] = {"$ref": f"{ref}Where"}
+    return {
+        # The module's own explanation (paragraphs 2-4: the forms, then equality).
+        "description": "\n\n".join((__doc__ or "").split("\n\n")[1:4]).strip()
+        + f"\n\nLimits: {MAX_CONDITIONS} conditions and {MAX_LIST_VALUES} listed values in"
+        f" all, {MAX_DEPTH} levels, {MAX_BYTES} bytes as JSON, keys of at most"
+        f" {MAX_KEY_CHARS} characters, numbers within +-2**63, no NUL.",
+        "type": "object",
+        "maxProperties": MAX_CONDITIONS,
+        "propertyNames": {**_NAMES, "pattern": f"^(?:\\$and|\\$or|{_PLAIN})?$"},
+        "properties": {"$and": parts, "$or": parts},
+        "additionalProperties": {"$ref": f"{ref}FilterCondition"},
     }

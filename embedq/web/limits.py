@@ -19,8 +19,8 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from embedq.api_errors import error_response
 from embedq.settings import Settings
+from embedq.web.errors import error_response
 
 log = logging.getLogger(__name__)
 
