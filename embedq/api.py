@@ -21,13 +21,11 @@ import orjson
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedq.broker.client import (
     MemoryWatch,
@@ -39,24 +37,26 @@ from embedq.broker.client import (
 )
 from embedq.broker.results import ResultListener, waited_by_listener
 from embedq.broker.url import redis_url
-from embedq.encode.models import load_tokenizer
-from embedq.errors import (
-    BrokerUnavailableError,
-    CollectionModelError,
-    ConfigurationError,
-    DeadlineExceededError,
-    EmbedqError,
-    InvalidInputError,
-    TooManyTextsError,
-    UnknownModelError,
-)
+from embedq.encode.models import declared_dim, load_tokenizer, model_specs
+from embedq.errors import ConfigurationError
+from embedq.inputs import COLLECTION_RE
 from embedq.keys import rate_key
 from embedq.ops.cost import cost_report
 from embedq.ops.metrics import ApiMetrics, RequestMetrics
 from embedq.ops.registry import listed_models
 from embedq.ops.status import read_workers
 from embedq.producer.router import router as router_state
+from embedq.producer.serving import empty_result
 from embedq.settings import QUEUES, Settings, get_settings, split_models
+from embedq.store.filters import json_schemas, parse_where
+from embedq.web.errors import (
+    ApiError,
+    documented,
+    documented_json,
+    error_response,
+    install_errors,
+)
+from embedq.web.limits import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -64,35 +64,20 @@ log = logging.getLogger(__name__)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 
-class ApiError(Exception):
-    """An error with its HTTP status; rendered as ``{"error": {...}}``."""
-
-    def __init__(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+def _json_integer(value: Any) -> Any:
+    """JSON's integers are numbers without a fraction, 5.0 too; "5" and true are not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-STATUS_OF: list[tuple[type[Exception], int]] = [
-    (TooManyTextsError, 413),
-    (InvalidInputError, 422),
-    (UnknownModelError, 404),
-    (CollectionModelError, 409),
-    (BrokerUnavailableError, 503),
-    (redis.ConnectionError, 503),
-    (redis.exceptions.OutOfMemoryError, 503),
-    (CeleryTimeout, 504),
-    (DeadlineExceededError, 504),
-    (EmbedqError, 502),
-]
-
-
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None):
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+# Strict (no "5", no true) as the schema says, yet 5.0 passes: JSON Schema calls it an integer.
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class EmbedBody(BaseModel):
     """``POST /embed``."""
+
+    # Strict: "5" is no integer and 1 no boolean here, as the schema says.
+    model_config = ConfigDict(strict=True)
 
     texts: list[str] = Field(..., description="Texts to embed, in order.")
     normalize: bool = True
@@ -130,59 +115,68 @@ class EmbedResponse(BaseModel):
 class OpenAIBody(BaseModel):
     """``POST /v1/embeddings``, as OpenAI's API takes it (token arrays are not accepted)."""
 
+    model_config = ConfigDict(strict=True)
+
     input: str | list[str]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: JsonInt | None = Field(None, ge=1, description="The model's dimension, if given.")
     user: str | None = None
 
 
 class SearchBody(BaseModel):
     """``POST /search``."""
 
-    query: str
-    collection: str = Field(..., min_length=1)
-    k: int = Field(10, ge=1, le=1000)
-    where: dict[str, Any] | None = None
+    model_config = ConfigDict(strict=True)
+
+    query: str = Field(..., min_length=1)
+    collection: str = Field(..., pattern=COLLECTION_RE.pattern)
+    k: JsonInt = Field(10, ge=1, le=1000)
+    where: dict[str, Any] | None = Field(None, description="A metadata filter (see Where).")
     parents: bool = False
 
 
-class BodyLimit:
-    """Answers 413 for a body over ``max_bytes``, declared or streamed."""
+class HitBody(BaseModel):
+    """One search hit."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI entry point."""
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        mb = self.max_bytes / 2**20
-        message = f"request body over {mb:g} MB (EMBEDQ_API_MAX_BODY_MB)"
-        await _error(413, message, "RequestTooLarge")(scope, receive, send)
+    id: str
+    score: float
+    text: str
+    metadata: dict[str, Any]
+    parent_id: str | None = None
+    chunk_index: int | None = None
 
 
-class _TooLarge(Exception):
-    pass
+class SearchResponse(BaseModel):
+    """The hits, best first."""
+
+    hits: list[HitBody]
+
+
+class OpenAIEmbedding(BaseModel):
+    """One vector, floats or base64 of little-endian float32."""
+
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIResponse(BaseModel):
+    """OpenAI's embeddings response."""
+
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: dict[str, int]
+
+
+class Health(BaseModel):
+    """``GET /health``: ready, or why not."""
+
+    status: str
+    workers: int
+    redis: dict[str, Any] | None = None
+    message: str | None = None
 
 
 class Service:
@@ -300,6 +294,8 @@ class Service:
         while the task runs, no read of the stored result)."""
         # No I/O: a request refused for its size costs no subscription.
         self.check_texts(job.texts)
+        if not job.texts:
+            return await run_in_threadpool(self._empty, key_id, job), 0
         task_id, tokens = str(uuid4()), None
 
         async def send() -> None:
@@ -310,6 +306,15 @@ class Service:
             return await self.listener.wait(task_id, self.settings.api_timeout_s, send), tokens
         except CeleryTimeout as exc:
             raise self._timeout() from exc
+
+    def _empty(self, key_id: str, job: Job) -> Any:
+        """An empty request, answered from live workers' heartbeats: shape (0, dim), no task."""
+        self.limit_rate(key_id)
+        self.require_worker()
+        answer = empty_result(router_state, job.queue, job.model)
+        if answer is None:
+            raise ApiError(503, "no live worker says its model's dimension", "NoWorker")
+        return answer.get()
 
     def _timeout(self) -> ApiError:
         message = f"no result within {self.settings.api_timeout_s:g} s (EMBEDQ_API_TIMEOUT_S)"
@@ -355,8 +360,9 @@ async def key_of(service: ServiceDep, credentials: Credentials) -> str:
 
 router = APIRouter()
 Authorized = Depends(caller)
+# Not "| None": a header has no null, and the schema must not offer one (absent: by size).
 TrafficHeader = Annotated[
-    Literal["interactive", "bulk"] | None,
+    Literal["interactive", "bulk"],
     Header(
         alias="X-Embedq-Traffic",
         description="Traffic class: interactive (served first) or bulk (default: by size).",
@@ -365,9 +371,16 @@ TrafficHeader = Annotated[
 KeyId = Annotated[str, Depends(key_of)]
 
 
-@router.post("/embed", response_model=EmbedResponse)
+# What each kind of route may answer besides 200 (the schema says it; the tests hold it).
+EMBED_ERRORS = documented(400, 401, 404, 408, 413, 422, 429, 502, 503, 504)
+
+
+@router.post("/embed", response_model=EmbedResponse, responses=EMBED_ERRORS)
 async def embed(
-    body: EmbedBody, service: ServiceDep, key_id: KeyId, traffic: TrafficHeader = None
+    body: EmbedBody,
+    service: ServiceDep,
+    key_id: KeyId,
+    traffic: TrafficHeader = None,  # type: ignore[assignment]
 ) -> Response:
     """Embed ``texts``; vectors in input order."""
     job = Job(body.texts, body.model, body.normalize, body.queue, traffic=body.traffic or traffic)
@@ -382,9 +395,12 @@ async def embed(
     )
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", response_model=OpenAIResponse, responses=EMBED_ERRORS)
 async def openai_embeddings(
-    body: OpenAIBody, service: ServiceDep, key_id: KeyId, traffic: TrafficHeader = None
+    body: OpenAIBody,
+    service: ServiceDep,
+    key_id: KeyId,
+    traffic: TrafficHeader = None,  # type: ignore[assignment]
 ) -> Response:
     """OpenAI-compatible embeddings (``encoding_format`` float or base64)."""
     texts = [body.input] if isinstance(body.input, str) else body.input
@@ -410,25 +426,47 @@ async def openai_embeddings(
     )
 
 
-@router.post("/search", dependencies=[Authorized])
+@router.post(
+    "/search",
+    dependencies=[Authorized],
+    response_model=SearchResponse,
+    responses=documented(400, 401, 404, 408, 409, 413, 422, 429, 502, 503, 504),
+)
 def search(body: SearchBody, service: ServiceDep) -> dict[str, Any]:
-    """The ``k`` items of ``collection`` nearest to ``query``."""
+    """The ``k`` items of ``collection`` nearest to ``query``, among those whose metadata
+    passes ``where``."""
     from embedq.search.searcher import search as run_search
 
+    where = parse_where(body.where)  # checked before any work: a bad filter costs nothing
     service.check_texts([body.query])
     service.require_worker()
-    hits = run_search(body.query, body.collection, k=body.k, where=body.where, parents=body.parents)
+    hits = run_search(body.query, body.collection, k=body.k, where=where, parents=body.parents)
     return {"hits": [hit.__dict__ for hit in hits]}
 
 
-@router.get("/health")
+HEALTH_503 = {
+    "description": "No worker alive (an error body), or Redis full (status redis_full).",
+    "content": {
+        "application/json": {
+            "schema": {
+                "anyOf": [
+                    {"$ref": "#/components/schemas/ErrorBody"},
+                    {"$ref": "#/components/schemas/Health"},
+                ]
+            }
+        }
+    },
+}
+
+
+@router.get("/health", response_model=Health, responses={503: HEALTH_503})
 def health(service: ServiceDep) -> JSONResponse:
     """200 when a worker is alive and Redis takes writes (ready), else 503 saying why;
     ``redis`` details the broker's memory (used, maxmemory, policy, full)."""
     try:
         workers = service.require_worker()
     except ApiError as exc:
-        return _error(exc.status, exc.message, exc.kind)
+        return error_response(exc.status, exc.message, exc.kind)
     state = service.memory.state()
     body: dict[str, Any] = {"status": "ready", "workers": len(workers)}
     body["redis"] = state.as_dict() if state else None
@@ -441,7 +479,7 @@ def health(service: ServiceDep) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/metadata", dependencies=[Authorized])
+@router.get("/metadata", dependencies=[Authorized], responses=documented(401, 429, 503))
 def metadata(service: ServiceDep) -> dict[str, Any]:
     """Model, dimension, queues and the devices of live workers."""
     workers = read_workers(shared_client())
@@ -465,7 +503,12 @@ def metadata(service: ServiceDep) -> dict[str, Any]:
 
 
 # Authenticated, never rate-limited: monitoring is not throttled.
-@router.get("/metrics", dependencies=[Depends(key_of)])
+@router.get(
+    "/metrics",
+    dependencies=[Depends(key_of)],
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text format 0.0.4."}, **documented_json(401, 503)},
+)
 def prometheus_metrics(service: ServiceDep) -> Response:
     """Prometheus metrics: the API's requests and the cluster's queues, router and SLOs."""
     body, content_type = service.metrics.render()
@@ -498,11 +541,55 @@ def create_app(settings: Settings | None = None, allow_anonymous: bool = False) 
     service = Service(settings or get_settings(), allow_anonymous)
     api = FastAPI(title="embedq", version="0.1.0", description=__doc__)
     api.state.service = service
-    _install_errors(api)
+    install_errors(api)
     api.include_router(router)
-    api.add_middleware(BodyLimit, max_bytes=int(service.settings.api_max_body_mb * 2**20))
+    api.openapi = functools.partial(_openapi, api, service.settings)  # type: ignore[method-assign]
+    limits = service.settings
+    api.add_middleware(
+        RequestLimits,
+        max_bytes=int(limits.api_max_body_mb * 2**20),
+        body_timeout_s=limits.api_body_timeout_s,
+    )
     api.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: counts 413s too
     return api
+
+
+def _openapi(api: FastAPI, settings: Settings) -> dict[str, Any]:
+    """FastAPI's schema plus what its models cannot know: this API's limits, the filter
+    language and the dimensions the configured models give."""
+    if api.openapi_schema is None:
+        schema = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes
+        )
+        schemas = schema["components"]["schemas"]
+        _state_limits(schemas, settings)
+        schemas.update(json_schemas(SCHEMAS))
+        schemas["SearchBody"]["properties"]["where"] = {
+            "anyOf": [{"$ref": f"{SCHEMAS}Where"}, {"type": "null"}]
+        }
+        _state_dimensions(schemas, settings)
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+SCHEMAS = "#/components/schemas/"
+
+
+def _state_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    """The texts per request and characters per text the API takes (more: 413)."""
+    text = {"type": "string", "maxLength": settings.api_max_text_chars}
+    texts = {"type": "array", "maxItems": settings.api_max_texts, "items": text}
+    schemas["EmbedBody"]["properties"]["texts"].update(texts)
+    schemas["OpenAIBody"]["properties"]["input"]["anyOf"] = [text, texts]
+    schemas["SearchBody"]["properties"]["query"]["maxLength"] = settings.api_max_text_chars
+
+
+def _state_dimensions(schemas: dict[str, Any], settings: Settings) -> None:
+    """``dimensions`` may only name what the configured models give (their files say)."""
+    dims = sorted({declared_dim(spec.name) for spec in model_specs(settings)} - {None})
+    if dims:
+        dimensions = schemas["OpenAIBody"]["properties"]["dimensions"]
+        dimensions["anyOf"] = [{"type": "integer", "enum": dims}, {"type": "null"}]
 
 
 def _encode(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
@@ -517,30 +604,3 @@ def _json(content: dict[str, Any]) -> Response:
     vector. Floats are float32's shortest exact digits (they read back bit for bit)."""
     body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(body, media_type="application/json")
-
-
-def _install_errors(api: FastAPI) -> None:
-    @api.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.kind, exc.headers)
-
-    @api.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error(422, f"{where}: {first.get('msg', 'invalid request')}", "InvalidInputError")
-
-    @api.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
-        if exc.status_code == 400:  # FastAPI could not even decode the body
-            message = "the request body could not be parsed: send UTF-8 encoded JSON"
-        return _error(exc.status_code, message, "HTTPError", getattr(exc, "headers", None))
-
-    async def known(_: Request, exc: Exception) -> JSONResponse:
-        status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))
-        return _error(status, str(exc), type(exc).__name__)
-
-    # One handler per known class (Starlette picks the closest by MRO); others are 500s.
-    for kind, _status in STATUS_OF:
-        api.add_exception_handler(kind, known)

@@ -187,7 +187,11 @@ def search(
     text: str = typer.Argument(..., help="What to look for."),
     collection: str = typer.Option(..., envvar="EMBEDQ_COLLECTION"),
     k: int = typer.Option(5, "-k", envvar="EMBEDQ_K"),
-    where: list[str] = typer.Option([], help="Metadata filter key=value (value parsed as JSON)."),
+    where: list[str] = typer.Option(
+        [],
+        help='Metadata filter key=value, the value parsed as JSON (n={"$gt": 2} too); repeat '
+        "for more (all must hold). See the README's Filters.",
+    ),
     parents: bool = typer.Option(False, "--parents", help="One hit per document, not per chunk."),
     as_json: bool = typer.Option(False, "--json", envvar="EMBEDQ_JSON"),
 ) -> None:
@@ -276,16 +280,16 @@ def api(
     ),
 ) -> None:
     """Serve the HTTP API (needs EMBEDQ_API_KEYS unless --insecure-no-auth)."""
-    import uvicorn
-
     from embedq.api import create_app
     from embedq.errors import ConfigurationError
+    from embedq.settings import get_settings
+    from embedq.web.limits import serve
 
     try:
         app = create_app(allow_anonymous=insecure_no_auth)
     except ConfigurationError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    serve(app, host, port, get_settings())
 
 
 @cli.command()

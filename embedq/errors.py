@@ -19,6 +19,11 @@ class TooManyTextsError(InvalidInputError):
     """More texts in one call than ``EMBEDQ_MAX_TEXTS_PER_TASK`` allows."""
 
 
+class InvalidFilterError(InvalidInputError):
+    """A metadata filter (``where``) that is malformed or over its limits: unknown operator,
+    wrong operand, too many conditions, too deep, a NUL, a number no store compares."""
+
+
 class UnknownModelError(EmbedqError, LookupError):
     """The request names a model this worker does not serve."""
 
@@ -49,6 +54,11 @@ class NonFiniteVectorError(EncoderError):
 
 class StoreError(EmbedqError):
     """The durable store refused a write or a read."""
+
+
+class NoWorkerError(EmbedqError):
+    """A task names a queue (and model) that no live worker serves while other workers are
+    alive: refused when sent (HTTP 503), so it never waits in a queue nobody reads."""
 
 
 class BrokerUnavailableError(EmbedqError):

@@ -221,6 +221,15 @@ class Settings(BaseSettings):
     )
     api_max_body_mb: float = Field(16.0, description="Size of one HTTP request body, at most.")
     api_timeout_s: float = Field(30.0, description="How long the API waits for a worker.")
+    api_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection whose next request's headers take longer (from its start or "
+        "the previous response) is closed (408 if part of a request came).",
+    )
+    api_body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not received whole within this gets 408."
+    )
 
     cost_per_hour: float | None = Field(
         None,

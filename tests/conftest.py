@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import TMP, RedisServer, load_pydoc, load_sick
+from tests.helpers import TMP, RedisServer, load_pydoc, load_sick, postgres_database
 
 POSTGRES_URL = os.environ.get(
     "EMBEDQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -175,16 +175,8 @@ def side_redis(side_redis_server: str) -> Callable[[int], str]:
 @pytest.fixture
 def own_postgres(postgres_url: str) -> Iterator[str]:
     """A database of the test's own on the machine's Postgres, dropped afterwards."""
-    from sqlalchemy import create_engine
-
-    name = f"embedq_t_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
+    with postgres_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -204,6 +204,23 @@ def finish_callers(proc: subprocess.Popen[str], timeout_s: float = 600) -> dict[
     return json.loads(out.strip().splitlines()[-1])
 
 
+@contextmanager
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """A database of its own on the Postgres of ``postgres_url`` (its URL), dropped after."""
+    from sqlalchemy import create_engine
+
+    name = f"embedq_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:

@@ -24,7 +24,12 @@ from hypothesis import strategies as st
 from embedq import codec, search
 from embedq.api import create_app
 from embedq.app import app
-from embedq.errors import InvalidInputError, TooManyTextsError, UnknownModelError
+from embedq.errors import (
+    InvalidFilterError,
+    InvalidInputError,
+    TooManyTextsError,
+    UnknownModelError,
+)
 from embedq.inputs import parse_embed_request
 from embedq.settings import get_settings
 from embedq.store.factory import create_store
@@ -186,9 +191,21 @@ def test_search_arguments(celery_worker, k, collection, outcome):
         assert search("anything", collection, k=k) == outcome
 
 
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [({"n": 2**70}, "outside the numbers"), ({"$where": "1"}, "unknown operator")],
+    ids=["int-2^70", "unknown-op"],
+)
+def test_search_filters_are_checked_before_the_query_is_embedded(where, says):
+    # No worker fixture: a bad filter is refused before any task or database.
+    with pytest.raises(InvalidFilterError, match=says):
+        search("anything", "c", where=where)
+
+
 KEY = "bad-input-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
+Q = {"query": "x", "collection": "c"}
 # (id, path, JSON body or raw bytes, expected status, text the answer must contain)
 HTTP_KINDS: list[tuple[str, str, Any, int, str]] = [
     ("none-list", "/embed", {"texts": None}, 422, "texts"),
@@ -216,6 +233,15 @@ HTTP_KINDS: list[tuple[str, str, Any, int, str]] = [
     ("sql-collection", "/search", {"query": "x", "collection": SQL}, 422, "collection"),
     ("unknown-collection", "/search", {"query": "x", "collection": "nope-zz"}, 200, "hits"),
     ("where-not-dict", "/search", {"query": "x", "collection": "c", "where": [1]}, 422, "where"),
+    ("where-int-2^70", "/search", {**Q, "where": {"n": 2**70}}, 422, "outside the numbers"),
+    ("where-below-int64", "/search", {**Q, "where": {"n": -(2**63) - 1}}, 422, "outside"),
+    ("where-nul-key", "/search", {**Q, "where": {"a\u0000": 1}}, 422, "NUL"),
+    ("where-2000-keys", "/search", {**Q, "where": {f"k{i}": i for i in range(2000)}}, 422, "64"),
+    ("where-unknown-op", "/search", {**Q, "where": {"k": {"$like": "a%"}}}, 422, "operator"),
+    ("k-string", "/search", {**Q, "k": "5"}, 422, "k"),
+    ("k-true", "/search", {**Q, "k": True}, 422, "k"),
+    ("empty-query", "/search", {"query": "", "collection": "c"}, 422, "query"),
+    ("normalize-1", "/embed", {"texts": ["x"], "normalize": 1}, 422, "normalize"),
 ]
 
 
@@ -276,6 +302,7 @@ def _cli(*args: str | bytes, cwd: Any = None) -> subprocess.CompletedProcess[str
         (("search", "x", "--collection", "nope-unknown"), 0, ""),
         (("search", "", "--collection", "c"), 2, "non-empty"),
         (("search", "x", "--collection", "c", "--where", "novalue"), 2, "key=value"),
+        (("search", "x", "--collection", "c", "--where", f"n={2**70}"), 2, "outside the numbers"),
         (("ingest", "-", "--collection", "c", "--format", "xml"), 2, "unknown format"),
     ],
     ids=[
@@ -288,6 +315,7 @@ def _cli(*args: str | bytes, cwd: Any = None) -> subprocess.CompletedProcess[str
         "unknown-collection",
         "empty-query",
         "bad-where",
+        "where-int-2^70",
         "bad-format",
     ],
 )

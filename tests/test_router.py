@@ -231,6 +231,8 @@ def test_an_explicit_queue_is_kept_and_its_lane_weighed(monkeypatch):
     chooser = router.Router()
     lanes = (router.Lane(A, 100.0, 0), router.Lane(B, 100.0, 0))
     chooser._states = {"gpu": QueueState(2, 200.0, 0, lanes=lanes), "cpu": SLOW}
+    # The heartbeats these states were read from: a live worker on each queue.
+    chooser._beats = {q: [{"hostname": f"{q}@h", "dim": 384}] for q in ("cpu", "gpu")}
     chooser._read_at = time.monotonic() + 3600  # this state stays current
     monkeypatch.setattr(router, "router", chooser)
     routed = [

@@ -76,9 +76,13 @@ class _Bindings:
         self.engine = engine
         self.most = 0
 
-    def _seen(self, _conn: Any, _cursor: Any, _sql: str, params: Any, *_: Any) -> None:
+        self.filtering = 0
+
+    def _seen(self, _conn: Any, _cursor: Any, sql: str, params: Any, *_: Any) -> None:
         batch = params if isinstance(params, list) else [params]
         self.most = max(self.most, max((len(p or ()) for p in batch), default=0))
+        # Statements that evaluate a metadata filter (SQLite reads metadata with json_each).
+        self.filtering += "json_each" in sql
 
     def __enter__(self) -> _Bindings:
         event.listen(self.engine, "before_cursor_execute", self._seen)
@@ -125,8 +129,11 @@ def test_a_filter_matching_30000_of_40000_items_is_searched_in_bounded_memory(
 
     hits, most_bound, _ = _search(searcher, vectors[123], k=5)
     assert hits[0].id == "id-123" and most_bound <= SQLITE_DEFAULT_MAX_VARIABLES
-    hits, _, _ = _search(searcher, query, k=10, where={"g": "a"})  # 10,000: exact
+    with _Bindings(store.engine) as bindings:
+        hits = searcher.search(query, "big", k=10, where={"g": "a"})  # 10,000: exact
     assert [h.id for h in hits] == _exact(vectors, groups == "a", query, 10)
+    # The filter ran once (counting the keys); the exact scan read vectors of those keys.
+    assert bindings.filtering == 1
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -6,6 +6,7 @@ No torch here: producers (chunking, token counts) use this module too.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -101,6 +102,29 @@ def fingerprint(path: Path) -> str:
                 fh.seek(-_FINGERPRINT_EDGE_BYTES, 2)
                 digest.update(fh.read())
     return digest.hexdigest()[:12]
+
+
+def declared_dim(name: str) -> int | None:
+    """The width of model ``name``'s vectors as its sentence-transformers files declare it
+    (the last Dense layer's ``out_features``, else Pooling's output); None when they do not
+    say, or the model is not here. No weights are read."""
+    try:
+        path = resolve_model_path(name)
+        dim = None
+        for module in json.loads((path / "modules.json").read_text()):
+            kind = str(module["type"]).rsplit(".", 1)[-1]
+            if kind in ("Pooling", "Dense"):
+                config = json.loads((path / module["path"] / "config.json").read_text())
+                dim = _pooled(config) if kind == "Pooling" else int(config["out_features"])
+        return dim
+    except (ModelLoadError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _pooled(config: dict[str, Any]) -> int:
+    # Each pooling mode switched on adds one word-embedding-wide block.
+    modes = sum(1 for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
+    return int(config["word_embedding_dimension"]) * max(modes, 1)
 
 
 # transformers' lazy imports are not thread-safe: concurrent first imports from API

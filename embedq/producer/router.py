@@ -37,6 +37,7 @@ from embedq.keys import stats_key
 from embedq.ops.heartbeat import read_heartbeats
 from embedq.ops.registry import listed_models, read_lists, worker_speed
 from embedq.ops.slo import Tally
+from embedq.producer.serving import require_serving
 from embedq.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,8 @@ def route_task(
     n_texts = len(task_items(args, kwargs) or ())
     if explicit := options.get("queue"):
         queue = getattr(explicit, "name", str(explicit))
+        # A queue no live worker serves (while others live) is refused, never left waiting.
+        require_serving(router, queue, task_model(name, args, kwargs))
         count(queue, "explicit")
         # The caller picked the queue; which of its workers' own queues is still weighed.
         lane = router.lane(queue, n_texts, task_model(name, args, kwargs))

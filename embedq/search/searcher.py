@@ -31,6 +31,7 @@ from embedq.search.loader import DELTA_MARGIN, IndexCache, LoadedIndex
 from embedq.settings import Settings, get_settings
 from embedq.store.base import Item, Store
 from embedq.store.factory import create_store
+from embedq.store.filters import Filter, parse_where
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +102,29 @@ class Searcher:
         vector: np.ndarray,
         collection: str,
         k: int = 10,
-        where: dict[str, Any] | None = None,
+        where: Filter | dict[str, Any] | None = None,
         parents: bool = False,
     ) -> list[Hit]:
-        """The ``k`` items nearest to ``vector`` (cosine), best first."""
+        """The ``k`` items nearest to ``vector`` (cosine), best first, among those whose
+        metadata passes ``where`` (see :mod:`embedq.store.filters`)."""
         check_k(k)
         parse_collection(collection)
+        parsed = parse_where(where)
         query = normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))
-        # A narrow filter is searched exactly; counting its keys reads no vector.
-        if where and len(self._filtered(collection, where)) <= EXACT_FILTER_LIMIT:
-            return self._exact(query, collection, k, parents, where)
-        hits = self._approximate(query, collection, k, parents, where)
+        if parsed is not None and (keys := self._narrow(collection, parsed)) is not None:
+            # Searched exactly among the keys counted: the filter runs once, not again in
+            # the scan or its retries.
+            return self._exact(query, collection, k, parents, among=keys)
+        hits = self._approximate(query, collection, k, parents, parsed)
         if hits is not None:
             return hits
-        return self._exact(query, collection, k, parents, where)
+        return self._exact(query, collection, k, parents, where=parsed)
 
-    def _filtered(self, collection: str, where: dict[str, Any]) -> np.ndarray:
-        """Keys matching ``where``, at most one past ``EXACT_FILTER_LIMIT``."""
-        return self.store.filter_pks(collection, where, limit=EXACT_FILTER_LIMIT + 1)
+    def _narrow(self, collection: str, where: Filter) -> np.ndarray | None:
+        """The keys matching ``where`` if at most ``EXACT_FILTER_LIMIT`` (reading no vector);
+        None for a broader filter."""
+        keys = self.store.filter_pks(collection, where, limit=EXACT_FILTER_LIMIT + 1)
+        return keys if len(keys) <= EXACT_FILTER_LIMIT else None
 
     def _approximate(
         self,
@@ -126,7 +132,7 @@ class Searcher:
         collection: str,
         k: int,
         parents: bool,
-        where: dict[str, Any] | None,
+        where: Filter | None,
     ) -> list[Hit] | None:
         """Over-fetch from index + delta until k hits pass; None past ``MAX_FETCH``."""
         fetch = k * 3 + 16 if not parents else k * 10 + 16
@@ -137,7 +143,7 @@ class Searcher:
             return None
         while True:
             candidates, exhausted = self._candidates(query, loaded, delta, fetch)
-            if where:
+            if where is not None:
                 candidates = self._matching(collection, candidates, where)
             hits = self._hits(collection, candidates, k, parents)
             if len(hits) >= k or exhausted:
@@ -201,7 +207,7 @@ class Searcher:
             return delta.arrays()
 
     def _matching(
-        self, collection: str, candidates: dict[int, float], where: dict[str, Any]
+        self, collection: str, candidates: dict[int, float], where: Filter
     ) -> dict[int, float]:
         """The candidates that match ``where``, as the database evaluates it."""
         keep = set(self.store.filter_pks(collection, where, among=list(candidates)).tolist())
@@ -225,12 +231,14 @@ class Searcher:
         collection: str,
         k: int,
         parents: bool,
-        where: dict[str, Any] | None,
+        where: Filter | None = None,
+        among: np.ndarray | None = None,
     ) -> list[Hit]:
-        """Exact search over the store (the rows matching ``where``)."""
+        """Exact search over the store: the rows matching ``where``, or those among the row
+        keys ``among`` (already filtered)."""
         keep = k if not parents else k * 10 + 16
         while True:
-            ranked = self._scan(query, collection, where, keep)
+            ranked = self._scan(query, collection, keep, where, among)
             hits = self._hits(collection, ranked, k, parents)
             if len(hits) >= k or len(ranked) < keep:
                 return hits
@@ -240,12 +248,14 @@ class Searcher:
         self,
         query: np.ndarray,
         collection: str,
-        where: dict[str, Any] | None,
         keep: int,
+        where: Filter | None,
+        among: np.ndarray | None,
     ) -> dict[int, float]:
         """The ``keep`` best (row key, score) of a streamed scan."""
         best_pks, best = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        with contextlib.closing(self.store.vectors(collection, query.shape[1], where)) as pages:
+        pages = self.store.vectors(collection, query.shape[1], where, among)
+        with contextlib.closing(pages):
             for pks, vectors in pages:
                 best_pks = np.concatenate([best_pks, pks])
                 best = np.concatenate([best, normalize(vectors) @ query[0]])
@@ -288,13 +298,18 @@ def get_searcher() -> Searcher:
         return _searcher
 
 
+def check_query(text: Any) -> None:
+    """A query is a non-empty string."""
+    if not isinstance(text, str) or not text:
+        raise InvalidInputError("the query must be a non-empty string")
+
+
 def embed_query(text: str, timeout_s: float = 60.0, model: str | None = None) -> np.ndarray:
     """The query's vector, through the queue (and so through the cache), by ``model``: an
     interactive task whose deadline is ``timeout_s``."""
     from embedq.tasks import embed_texts
 
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError("the query must be a non-empty string")
+    check_query(text)
     sent = embed_texts.apply_async(
         ([text],), {"model": model}, traffic="interactive", deadline_s=timeout_s
     )
@@ -308,17 +323,23 @@ def search(
     where: dict[str, Any] | None = None,
     parents: bool = False,
 ) -> list[Hit]:
-    """Items of ``collection`` nearest to ``text``; ``where`` filters on metadata equality.
+    """Items of ``collection`` nearest to ``text``; ``where`` filters on metadata (see
+    :mod:`embedq.store.filters`; checked before the query is embedded).
 
     With ``parents=True``, chunks of one document count once (best chunk), so each hit
     stands for a whole document (``parent_id``).
     """
     check_k(k)
     parse_collection(collection)
+    parsed = parse_where(where)
+    check_query(text)
     searcher = get_searcher()
     # The query is embedded by the model the collection is bound to.
-    query = embed_query(text, model=searcher.store.collection_model(collection))
-    return searcher.search(query, collection, k, where, parents)
+    model = searcher.store.collection_model(collection)
+    if model is None and not searcher.store.count(collection):
+        return []  # nothing was ever stored there: no hits, and no query to embed
+    query = embed_query(text, model=model)
+    return searcher.search(query, collection, k, parsed, parents)
 
 
 def lookup(text: str, collection: str, threshold: float = 0.9) -> Hit | None:

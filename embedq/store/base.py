@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from embedq.store.filters import Filter
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -140,19 +142,20 @@ class ItemStore(ABC):
     def filter_pks(
         self,
         collection: str,
-        where: dict[str, Any],
+        where: Filter | dict[str, Any],
         among: Sequence[int] | None = None,
         limit: int | None = None,
     ) -> np.ndarray:
-        """Row keys whose metadata equals every key/value of ``where`` (only those among
-        ``among``, if given; at most ``limit``); no vector is read."""
+        """Row keys of ``collection`` whose metadata passes the filter ``where`` (see
+        :mod:`embedq.store.filters`; only those among ``among``, if given; at most
+        ``limit``); no vector is read."""
 
     @abstractmethod
     def vectors(
         self,
         collection: str,
         dim: int,
-        where: dict[str, Any] | None = None,
+        where: Filter | dict[str, Any] | None = None,
         among: Sequence[int] | None = None,
         page: int = 1000,
     ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:

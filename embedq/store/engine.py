@@ -21,6 +21,7 @@ from tenacity import (
 
 from embedq.errors import ConfigurationError
 from embedq.settings import Settings
+from embedq.store.filters import register_sqlite_functions
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def make_engine(url: str, settings: Settings) -> Engine:
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
+        # Metadata filters compare JSON objects and arrays through a Python function.
+        event.listen(engine, "connect", register_sqlite_functions)
         return engine
     try:
         args = postgres_connect_args(url, settings)

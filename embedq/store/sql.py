@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -24,7 +23,6 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    literal,
     select,
     update,
 )
@@ -47,6 +45,7 @@ from embedq.store.base import (
 )
 from embedq.store.bindings import CollectionBindings, collections_table
 from embedq.store.engine import brief, make_engine, retry_policy
+from embedq.store.filters import Filter, parse_where, to_sql
 from embedq.store.vectors import VectorFormat
 
 # SQLite allows 32,766 bound parameters per statement; 15 columns x 1,000 rows stays under.
@@ -419,16 +418,14 @@ class SQLStore(Store):
     def filter_pks(
         self,
         collection: str,
-        where: dict[str, Any],
+        where: Filter | dict[str, Any],
         among: Sequence[int] | None = None,
         limit: int | None = None,
     ) -> np.ndarray:
-        """Row keys whose metadata has each key equal to the given value (JSON equality),
-        among the keys ``among`` if given (IN lists of at most ``ROWS_PER_STATEMENT``), at
-        most ``limit`` of them; no vector is read."""
-        query = select(ItemRow.pk).where(ItemRow.collection == collection)
-        for key, value in where.items():
-            query = query.where(self._json_equals(key, value))
+        """Row keys of ``collection`` whose metadata passes ``where`` (see
+        :mod:`embedq.store.filters`), among the keys ``among`` if given (IN lists of at most
+        ``ROWS_PER_STATEMENT``), at most ``limit`` of them; no vector is read."""
+        query = self._where(select(ItemRow.pk).where(ItemRow.collection == collection), where)
         with self.engine.connect() as conn:
             if among is None:
                 found = conn.execute(query.limit(limit)).scalars()
@@ -442,16 +439,12 @@ class SQLStore(Store):
             ]
         return np.array([p for page in pages for p in page][:limit], dtype=np.int64)
 
-    def _json_equals(self, key: str, value: Any) -> Any:
-        column = ItemRow.__table__.c.metadata
-        if self.dialect == "postgresql":
-            return column.op("@>")(literal({key: value}, type_=postgresql.JSONB))
-        # SQLite: json_extract gives SQL values; compare JSON text for non-scalars.
-        if isinstance(value, dict | list):
-            return func.json_extract(column, f'$."{key}"') == json.dumps(value)
-        if isinstance(value, bool):
-            return func.json_type(column, f'$."{key}"') == ("true" if value else "false")
-        return func.json_extract(column, f'$."{key}"') == value
+    def _where(self, query: Any, where: Filter | dict[str, Any] | None) -> Any:
+        """``query`` narrowed by the parsed filter ``where`` (checked before any SQL runs)."""
+        parsed = parse_where(where)
+        if parsed is None:
+            return query
+        return query.where(to_sql(parsed.root, ItemRow.__table__.c.metadata, self.dialect))
 
     @_store_errors("read collection states")
     def states(self) -> list[CollectionState]:
@@ -466,7 +459,7 @@ class SQLStore(Store):
         self,
         collection: str,
         dim: int,
-        where: dict[str, Any] | None = None,
+        where: Filter | dict[str, Any] | None = None,
         among: Sequence[int] | None = None,
         page: int = ROWS_PER_STATEMENT,
     ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
@@ -476,8 +469,7 @@ class SQLStore(Store):
         query = select(ItemRow.pk, ItemRow.vector).where(
             ItemRow.collection == collection, ItemRow.dim == dim
         )
-        for key, value in (where or {}).items():
-            query = query.where(self._json_equals(key, value))
+        query = self._where(query, where)
         try:
             with self.engine.connect() as conn:
                 if among is None:
@@ -486,10 +478,10 @@ class SQLStore(Store):
                     for rows in result.partitions():
                         yield _vector_page(rows, dim)
                     return
-                keys = [int(p) for p in among]
-                for start in range(0, len(keys), page):
-                    chunk = query.where(ItemRow.pk.in_(keys[start : start + page]))
-                    yield _vector_page(conn.execute(chunk).all(), dim)
+                # A page of keys at a time: among may hold 20,000 (a narrow filter's keys).
+                for start in range(0, len(among), page):
+                    keys = [int(p) for p in among[start : start + page]]
+                    yield _vector_page(conn.execute(query.where(ItemRow.pk.in_(keys))).all(), dim)
         # A generator runs after its caller returned: the decorator cannot translate here.
         except SQLAlchemyError as exc:
             raise StoreError(f"could not read vectors: {brief(exc)}") from exc

@@ -63,6 +63,8 @@ class EmbedTask(Task):
     traffic: Traffic | None = None
     #: Parses the task's arguments on the caller's side; bad input never reaches the queue.
     validate: Callable[..., Any] | None = None
+    #: The answer to a call with no items, sent without a task (None: send it anyway).
+    answer_empty: Callable[[dict[str, Any], dict[str, Any]], Any] | None = None
 
     def signature_from_request(
         self,
@@ -84,10 +86,15 @@ class EmbedTask(Task):
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Validate, then publish with its traffic class (``traffic="interactive"|"bulk"``,
         ``job=``, ``deadline_s=``: see :mod:`embedq.broker.traffic`) and redacted argument
-        reprs (see :func:`redact`)."""
+        reprs (see :func:`redact`); an empty call is answered here when
+        :attr:`answer_empty` can."""
         self._check(args, kwargs)
         mine = {name: options.pop(name) for name in TRAFFIC_OPTIONS if name in options}
         items = task_items(args, kwargs) or ()
+        if self.answer_empty is not None and not items:
+            answer = self.answer_empty(self._bind(args, kwargs), options)
+            if answer is not None:
+                return answer
         traffic = choose(mine.get("traffic") or carried(options), self.traffic, len(items))
         stores = bool(self._bind(args, kwargs).get("collection"))
         stamp(options, traffic, mine.get("job"), mine.get("deadline_s"), stores)
@@ -172,3 +179,16 @@ def embed_texts(
 
 
 embed_texts.validate = parse_embed_request
+
+
+def _empty_answer(arguments: dict[str, Any], options: dict[str, Any]) -> Any:
+    """Shape (0, dim) from live workers' heartbeats: an empty call costs no task."""
+    from embedq.producer.router import router
+    from embedq.producer.serving import empty_result
+
+    queue = options.get("queue")
+    queue = getattr(queue, "name", queue)
+    return empty_result(router, queue, arguments.get("model"))
+
+
+embed_texts.answer_empty = _empty_answer
