@@ -373,3 +373,46 @@ def test_callers_choose_a_class_and_a_wrong_one_is_refused_before_sending(celery
     wrong = api.post("/embed", json={"texts": ["x"], "traffic": "urgent"}, headers=auth)
     assert wrong.status_code == 422
     assert (_waits("bulk") - before[0], _waits("interactive") - before[1]) == (2, 1)
+
+
+def test_an_abandoned_api_request_stops_costing_encodes_and_others_are_served(
+    celery_worker, runtime
+):
+    """Issue 24's row: one /embed of 2,048 long texts used to keep the worker busy for a
+    minute after its 504, while every other caller timed out too (here 1,000, the tests'
+    EMBEDQ_MAX_TEXTS_PER_TASK, of ~250 tokens: ~30 s of fp32 encoding), through a real
+    ``embedq api`` process answered by the session's worker."""
+    import os
+
+    import httpx
+
+    from embedq.tools.interactive import api_server
+    from tests.helpers import unique_texts
+
+    long_texts = [f"{t} " + "word " * 240 for t in unique_texts(1000, "abandoned")]
+    answers: list[int] = []
+    with api_server(dict(os.environ) | {"EMBEDQ_API_TIMEOUT_S": "3"}) as url:
+        api = httpx.Client(base_url=url, timeout=60)
+        api.post("/v1/embeddings", json={"input": "warm up"}).raise_for_status()
+        encoded_before = runtime.batcher.stats.texts_encoded
+
+        def big() -> None:
+            answers.append(api.post("/embed", json={"texts": long_texts}).status_code)
+
+        sender = threading.Thread(target=big)
+        sender.start()
+        others = []
+        for text in unique_texts(10, "meanwhile"):
+            began = time.monotonic()
+            reply = api.post("/v1/embeddings", json={"input": text})
+            others.append((reply.status_code, round(time.monotonic() - began, 3)))
+            time.sleep(0.2)
+        sender.join()
+    time.sleep(2.0)  # a round in flight at the deadline finishes
+    settled = runtime.batcher.stats.texts_encoded
+    time.sleep(3.0)
+    print(f"abandoned: {settled - encoded_before} of 1000 encoded; others {others}")
+    assert answers == [504]
+    assert all(status == 200 for status, _ in others), others
+    assert runtime.batcher.stats.texts_encoded == settled, "nothing more encoded for it"
+    assert settled - encoded_before < 500, "most abandoned texts were never encoded"

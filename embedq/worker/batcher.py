@@ -243,6 +243,8 @@ class Batcher:
         ones are admitted after the interactive round (their cache lookup and tokenizing
         would delay it)."""
         items = self._arrived(block=not len(self.pool) and not self._later)
+        # An interactive request arriving from here on stops the next round between batches.
+        self._round_start_arrivals = self._arrivals
         later, self._later = self._later, []
         requests = [i for i in items if isinstance(i, Request)]
         # Held back one round at most: bulk is never starved by this.
@@ -389,7 +391,6 @@ class Batcher:
     def _encode(self, slots: list[Slot], budget: int, preemptible: bool) -> None:
         if not slots:
             return
-        self._round_start_arrivals = self._arrivals
         tok = Tokenized([s.ids or [] for s in slots], np.array([s.truncated for s in slots]))
         try:
             enc = encode_all(
