@@ -387,13 +387,15 @@ def test_an_abandoned_api_request_stops_costing_encodes_and_others_are_served(
     import httpx
 
     from embedq.tools.interactive import api_server
-    from tests.helpers import unique_texts
+    from tests.helpers import unique_texts, wait_until
 
     long_texts = [f"{t} " + "word " * 240 for t in unique_texts(1000, "abandoned")]
     answers: list[int] = []
     with api_server(dict(os.environ) | {"EMBEDQ_API_TIMEOUT_S": "3"}) as url:
         api = httpx.Client(base_url=url, timeout=60)
-        api.post("/v1/embeddings", json={"input": "warm up"}).raise_for_status()
+        # The first answers (the worker's first batch, the API's tokenizer) may take 3 s.
+        warm = lambda: api.post("/v1/embeddings", json={"input": "warm"}).status_code == 200  # noqa: E731
+        wait_until(warm, 60, 0.1, "a first answer")
         encoded_before = runtime.batcher.stats.texts_encoded
 
         def big() -> None:
