@@ -135,8 +135,8 @@ def _find(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseExc
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    """``exc``'s message on one line (Celery's and kombu's can span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def secrets() -> list[str]:

@@ -205,7 +205,7 @@ def _bad_store_url(server: Server, why: str) -> ConfigurationError:
     )
 
 
-def _cause(exc: BaseException, timeout_s: float, text: str | None = None) -> str:
+def _cause(exc: BaseException, timeout_s: float | None, text: str | None = None) -> str:
     """Why a server did not answer, in a few words."""
     text = text or str(exc)
     lowered = text.lower()
@@ -214,7 +214,7 @@ def _cause(exc: BaseException, timeout_s: float, text: str | None = None) -> str
         or "timeout" in lowered
         or "timed out" in lowered
     ):
-        return f"no answer within {timeout_s:g} s"
+        return "timed out" if timeout_s is None else f"no answer within {timeout_s:g} s"
     if "refused" in lowered:
         return "connection refused"
     if "name or service not known" in lowered or "translate host name" in lowered:
@@ -263,8 +263,8 @@ def publishing() -> Iterator[None]:
     by the callers)."""
     from embedq.broker.client import BROKER_ERRORS, describe, is_redis_full
 
-    server = broker_server()
-    ensure(server)
+    server, settings = broker_server(), get_settings()
+    ensure(server, settings)
     try:
         yield
     except UnavailableError:
@@ -274,9 +274,11 @@ def publishing() -> Iterator[None]:
         lost = isinstance(exc, BROKER_ERRORS) or isinstance(exc.__cause__, BROKER_ERRORS)
         if not lost or is_redis_full(exc):
             raise
+        # Celery's RuntimeError says "must be restarted": the Redis error under it says why.
+        cause = _cause(exc.__cause__ or exc, None, describe(exc.__cause__ or exc))
         raise BrokerUnavailableError(
-            f"{server.what} at {server.shown} stopped answering ({describe(exc)}); the task "
-            f"was not sent: check that it runs (`embedq status`) and {server.setting}"
+            f"{server.what} at {server.shown} stopped answering ({cause}); the task was not "
+            f"sent: check that it runs (`embedq status`) and {server.setting}"
         ) from exc
 
 
