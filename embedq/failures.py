@@ -86,6 +86,10 @@ def _named_failure(exc: BaseException) -> Failure | None:
     for kind, code in codes:
         if isinstance(exc, kind):
             return Failure(code, _first_line(exc))
+    # A path from a setting or flag that cannot be used (a data folder that cannot be made).
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and exc.filename:
+        why = f"cannot use {exc.filename} ({exc.strerror or exc})"
+        return Failure(EX_CONFIG, f"{why}: check the setting or flag that names it")
     return None
 
 

@@ -467,3 +467,37 @@ def test_ingest_keeps_and_reports_what_it_stored_when_redis_dies_midway(tmp_path
     assert again["skipped"] >= stored_then, "the rerun skips what was stored"
     figures = audit(environ["EMBEDQ_DATABASE_URL"], "midway", docs)
     assert figures == {"attempted": 2000, "stored": 2000, "lost": 0, "duplicated": 0, "wrong": 0}
+
+
+def _caused(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
+def test_each_kind_of_failure_has_its_code():
+    import redis
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from embedq import errors
+
+    cases = [
+        (errors.ConfigurationError("x"), EX_CONFIG),
+        (errors.ModelLoadError("x"), EX_CONFIG),
+        (PermissionError(13, "Permission denied", "/var/embedq"), EX_CONFIG),
+        (redis.AuthenticationError("invalid password"), EX_CONFIG),
+        (errors.BrokerUnavailableError("x"), EX_UNAVAILABLE),
+        (errors.StoreUnavailableError("x"), EX_UNAVAILABLE),
+        (redis.ConnectionError("Error 111 connecting"), EX_UNAVAILABLE),
+        # Celery's result consumer, giving up on a lost Redis.
+        (_caused(RuntimeError("Retry limit exceeded"), redis.ConnectionError("x")), 69),
+        (errors.PortInUseError("x"), EX_OSERR),
+        (errors.InvalidInputError("x"), 2),
+        (errors.DeviceFailedError("x"), 70),
+        (errors.StoreError("x"), 1),
+        (CeleryTimeout("x"), 75),
+        (KeyError("surprise"), 70),
+    ]
+    for error, code in cases:
+        assert classify(error).code == code, (error, classify(error))
+    multi = classify(errors.StoreError("first\nsecond")).message
+    assert multi == "first second", "one line, whatever the message"
