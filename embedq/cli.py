@@ -28,7 +28,7 @@ def _options(
     ),
 ) -> None:
     if debug:
-        # Read by embedq.failures in this process, and inherited by the workers it starts.
+        # Read by embedq.ops.failures in this process, and inherited by the workers it starts.
         os.environ["EMBEDQ_DEBUG"] = "1"
 
 
@@ -186,7 +186,7 @@ def _report_ingest(summary: Any, as_json: bool, quiet: bool) -> None:
     if summary.error:
         from embedq.errors import BrokerUnavailableError
 
-        # One line and exit 69 (embedq.failures), after the summary of what was stored.
+        # One line and exit 69 (embedq.ops.failures), after the summary of what was stored.
         raise BrokerUnavailableError(f"{summary.error}; a rerun skips what was stored")
     # Scripts must notice: any document not stored makes the exit status 1.
     if summary.failed:
@@ -407,8 +407,8 @@ def demo() -> None:
 
 def main() -> None:
     """Console-script entry point: a failure is one line on stderr and an exit code (see
-    :mod:`embedq.failures`), with its traceback under ``--debug`` or ``EMBEDQ_DEBUG=1``."""
-    from embedq.failures import run_cli
+    :mod:`embedq.ops.failures`), with its traceback under ``--debug`` or ``EMBEDQ_DEBUG=1``."""
+    from embedq.ops.failures import run_cli
 
     np.set_printoptions(precision=3, suppress=True)
     sys.exit(run_cli(cli))

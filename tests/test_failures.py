@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from embedq.failures import EX_CONFIG, EX_OSERR, EX_UNAVAILABLE, classify, scrub
+from embedq.ops.failures import EX_CONFIG, EX_OSERR, EX_UNAVAILABLE, classify, scrub
 from embedq.ops.probe import redact
 from embedq.settings import Settings
 from tests.helpers import BIN, ROOT, corpus, env, free_port, redis_server

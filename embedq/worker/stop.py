@@ -9,7 +9,7 @@ failed processes (systemd ``Restart=on-failure``, Docker ``restart: on-failure``
 Kubernetes) starts a new one, with a new context.
 
 A worker whose model (or device, store, broker) fails while it starts stops before Celery
-logs "ready", and exits with the code :mod:`embedq.failures` gives that error (78 for a
+logs "ready", and exits with the code :mod:`embedq.ops.failures` gives that error (78 for a
 model that cannot load, 69 for a server that does not answer, ...), never 0.
 """
 
@@ -21,7 +21,7 @@ import signal
 from typing import Any
 
 from embedq.errors import DeviceFailedError
-from embedq.failures import EX_SOFTWARE, classify, debug_enabled
+from embedq.ops.failures import EX_SOFTWARE, classify, debug_enabled
 
 log = logging.getLogger(__name__)
 

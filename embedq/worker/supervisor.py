@@ -17,7 +17,7 @@ Rules, in one place:
   ``RESTART_WINDOW_S`` is broken (a crash loop): the supervisor then stops the others and
   exits 1, for systemd or Kubernetes to notice.
 - A worker that exits with ``EX_CONFIG`` (78: its settings or model cannot work, see
-  :mod:`embedq.failures`) failed to start, and would again: the supervisor stops the others
+  :mod:`embedq.ops.failures`) failed to start, and would again: the supervisor stops the others
   and exits 78 at once. (It checks the broker, the store and the model files itself before
   it starts any, as ``embedq worker`` does.)
 """
@@ -39,7 +39,7 @@ from types import FrameType
 from typing import Any
 
 from embedq.errors import ConfigurationError
-from embedq.failures import EX_CONFIG
+from embedq.ops.failures import EX_CONFIG
 
 log = logging.getLogger(__name__)
 
