@@ -333,6 +333,15 @@ def test_status_answers_within_5_s_when_redis_and_postgres_blackhole(tmp_path):
     assert ran.out.count("DOES NOT ANSWER") == 2, ran.out
 
 
+def test_status_reports_a_cache_redis_apart_that_does_not_answer(tmp_path, closed_port):
+    environ = env(EMBEDQ_CACHE_URL=f"redis://127.0.0.1:{closed_port}/0")
+    ran = run_all(cli(["status"], environ, tmp_path), tmp_path)["status"]
+    assert_one_line(ran, EX_UNAVAILABLE, "the cache Redis", "EMBEDQ_CACHE_URL", within_s=ALONE_S)
+    servers = ran.out.split("workers:")[0]
+    assert f"cache: redis://127.0.0.1:{closed_port}/0 DOES NOT ANSWER" in servers, ran.out
+    assert servers.count(" ok (") == 2, "the broker and the store answered"
+
+
 def test_health_is_503_within_seconds_when_redis_does_not_answer(tmp_path):
     code = (
         "import json, time\n"
