@@ -282,6 +282,17 @@ def publishing() -> Iterator[None]:
         ) from exc
 
 
+def publishes(send: F) -> F:
+    """Decorate a method that sends a task: it runs inside :func:`publishing`."""
+
+    @functools.wraps(send)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with publishing():
+            return send(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 def check_models(settings: Settings) -> None:
     """Every configured model's files are there (``ModelLoadError`` naming it if not) and
     the CPU backend is one embedq has; cheap: nothing is loaded."""

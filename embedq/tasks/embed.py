@@ -16,7 +16,7 @@ from embedq.codec import Embeddings
 from embedq.errors import INPUT_ERRORS, EncoderError, InvalidInputError, PoisonTaskError, StoreError
 from embedq.inputs import parse_embed_request, task_items
 from embedq.keys import delivery_key
-from embedq.ops.probe import publishing
+from embedq.ops.probe import publishes
 from embedq.settings import QUEUES, get_settings
 from embedq.worker.leases import count_redelivery
 from embedq.worker.runtime import get_runtime
@@ -66,15 +66,15 @@ class EmbedTask(Task):
                 queue = shared
         return super().signature_from_request(request, args, kwargs, queue, **extra)
 
+    @publishes
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Validate, then publish with redacted argument reprs (see :func:`redact`); a broker
-        that does not answer is a ``BrokerUnavailableError`` (see :func:`publishing`)."""
-        with publishing():
-            self._check(args, kwargs)
-            argsrepr, kwargsrepr = redact(args, kwargs)
-            options.setdefault("argsrepr", argsrepr)
-            options.setdefault("kwargsrepr", kwargsrepr)
-            return super().apply_async(args, kwargs, **options)
+        that does not answer is a ``BrokerUnavailableError`` (see :func:`publishes`)."""
+        self._check(args, kwargs)
+        argsrepr, kwargsrepr = redact(args, kwargs)
+        options.setdefault("argsrepr", argsrepr)
+        options.setdefault("kwargsrepr", kwargsrepr)
+        return super().apply_async(args, kwargs, **options)
 
     def _check(self, args: Any, kwargs: Any) -> None:
         if self.validate is None:
