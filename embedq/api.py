@@ -11,6 +11,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -43,6 +44,7 @@ from embedq.inputs import COLLECTION_RE
 from embedq.keys import rate_key
 from embedq.ops.cost import cost_report
 from embedq.ops.metrics import ApiMetrics, RequestMetrics
+from embedq.ops.probe import ServerState, server_states
 from embedq.ops.registry import listed_models
 from embedq.ops.status import read_workers
 from embedq.producer.router import router as router_state
@@ -59,6 +61,9 @@ from embedq.web.errors import (
 from embedq.web.limits import RequestLimits
 
 log = logging.getLogger(__name__)
+
+# /health probes the servers at most this often (a load balancer may ask many times a second).
+HEALTH_PROBE_EVERY_S = 1.0
 
 # Optional here, so a missing key gets our 401 message rather than FastAPI's 403.
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
@@ -190,6 +195,18 @@ class Service:
             )
         self.settings = settings
         self.keys = [k.encode() for k in keys]
+        self._states: list[ServerState] = []
+        self._states_at = -HEALTH_PROBE_EVERY_S
+        self._states_lock = threading.Lock()
+
+    def server_states(self) -> list[ServerState]:
+        """Each server's state (the broker first), probed within a few seconds at most, and
+        at most every ``HEALTH_PROBE_EVERY_S`` (``/health``)."""
+        with self._states_lock:
+            if time.monotonic() - self._states_at >= HEALTH_PROBE_EVERY_S:
+                self._states = server_states(self.settings)
+                self._states_at = time.monotonic()
+            return self._states
 
     def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> str:
         """The caller's key id (a hash; keys are never logged), or 401."""
@@ -461,14 +478,23 @@ HEALTH_503 = {
 
 @router.get("/health", response_model=Health, responses={503: HEALTH_503})
 def health(service: ServiceDep) -> JSONResponse:
-    """200 when a worker is alive and Redis takes writes (ready), else 503 saying why;
-    ``redis`` details the broker's memory (used, maxmemory, policy, full)."""
+    """200 when Redis answers, a worker is alive and Redis takes writes (ready; "degraded"
+    when the store or the cache does not answer: embedding works without them), else 503
+    saying why. ``servers`` gives each server's state, ``redis`` the broker's memory (used,
+    maxmemory, policy, full). Answers within a few seconds whatever is down."""
+    servers = service.server_states()
+    if not servers[0].reachable:
+        body = {"status": "redis_unreachable", "message": servers[0].error}
+        return JSONResponse(body | {"servers": [s.as_dict() for s in servers]}, status_code=503)
     try:
         workers = service.require_worker()
     except ApiError as exc:
         return error_response(exc.status, exc.message, exc.kind)
     state = service.memory.state()
     body: dict[str, Any] = {"status": "ready", "workers": len(workers)}
+    body["servers"] = [s.as_dict() for s in servers]
+    if down := [s.error or s.name for s in servers if not s.reachable]:
+        body |= {"status": "degraded", "message": " | ".join(down)}
     body["redis"] = state.as_dict() if state else None
     if state is not None and state.full:
         body["status"] = "redis_full"

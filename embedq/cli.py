@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -12,18 +13,34 @@ import numpy as np
 import typer
 
 from embedq.broker.traffic import Traffic
+from embedq.ops.probe import BROKER, MODEL, STORE, requires
 from embedq.settings import QUEUES
 
 cli = typer.Typer(help="embedq: asynchronous text embeddings at any scale.", no_args_is_help=True)
 
 
-def _check_queue(queue: str) -> str:
-    if queue not in QUEUES:
+@cli.callback()
+def _options(
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        envvar="EMBEDQ_DEBUG",
+        help="On failure print the traceback too, not only the one line that says why.",
+    ),
+) -> None:
+    if debug:
+        # Read by embedq.ops.failures in this process, and inherited by the workers it starts.
+        os.environ["EMBEDQ_DEBUG"] = "1"
+
+
+def _check_queue(queue: str | None) -> str | None:
+    if queue is not None and queue not in QUEUES:
         raise typer.BadParameter(f"queue must be one of {', '.join(QUEUES)}")
     return queue
 
 
 @cli.command()
+@requires(BROKER, STORE, MODEL)
 def worker(
     queue: str = typer.Option("cpu", envvar="EMBEDQ_QUEUE", callback=_check_queue),
     concurrency: int | None = typer.Option(
@@ -57,10 +74,11 @@ def worker(
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     app.worker_main(argv)
-    from embedq.worker.stop import EX_SOFTWARE, device_failed
+    from embedq.worker.stop import exit_code
 
-    if device_failed():  # stopped by its failed device: exit non-zero, to be restarted
-        raise typer.Exit(EX_SOFTWARE)
+    # Stopped by its failed device, or unable to start: exit non-zero (Celery's own is 0).
+    if code := exit_code():
+        raise typer.Exit(code)
 
 
 def _supervise(devices: str, queue: str, concurrency: int | None, loglevel: str) -> int:
@@ -78,9 +96,10 @@ def _supervise(devices: str, queue: str, concurrency: int | None, loglevel: str)
 
 
 @cli.command()
+@requires(BROKER)
 def embed(
     texts: list[str] = typer.Argument(..., help="Texts to embed."),
-    queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE"),
+    queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE", callback=_check_queue),
     timeout_s: float = typer.Option(60.0, envvar="EMBEDQ_TIMEOUT_S"),
     full: bool = typer.Option(False, "--full", help="Print whole vectors, not a preview."),
     model: str | None = typer.Option(
@@ -103,6 +122,7 @@ def embed(
 
 
 @cli.command()
+@requires(BROKER)
 def ingest(
     path: Path = typer.Argument(
         ..., help="JSONL, CSV or text file (one document a line); - for stdin."
@@ -123,7 +143,7 @@ def ingest(
     overlap: int = typer.Option(
         0, envvar="EMBEDQ_OVERLAP", help="Tokens shared by neighbouring chunks."
     ),
-    queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE"),
+    queue: str | None = typer.Option(None, envvar="EMBEDQ_QUEUE", callback=_check_queue),
     model: str | None = typer.Option(
         None, envvar="EMBEDQ_INGEST_MODEL", help="Model name (default: the workers' first)."
     ),
@@ -176,13 +196,17 @@ def _report_ingest(summary: Any, as_json: bool, quiet: bool) -> None:
     if summary.interrupted:
         raise typer.Exit(130)
     if summary.error:
-        print(f"error: {summary.error}; a rerun skips what was stored", file=sys.stderr)
+        from embedq.errors import BrokerUnavailableError
+
+        # One line and exit 69 (embedq.ops.failures), after the summary of what was stored.
+        raise BrokerUnavailableError(f"{summary.error}; a rerun skips what was stored")
     # Scripts must notice: any document not stored makes the exit status 1.
-    if summary.error or summary.failed:
+    if summary.failed:
         raise typer.Exit(1)
 
 
 @cli.command()
+@requires(BROKER, STORE)
 def search(
     text: str = typer.Argument(..., help="What to look for."),
     collection: str = typer.Option(..., envvar="EMBEDQ_COLLECTION"),
@@ -220,6 +244,7 @@ def _where(pairs: list[str]) -> dict[str, object] | None:
 
 
 @cli.command()
+@requires(STORE)
 def delete(
     collection: str = typer.Option(..., envvar="EMBEDQ_COLLECTION"),
     ids: list[str] = typer.Option(..., "--id", help="Id to delete (repeat the flag)."),
@@ -237,6 +262,7 @@ cli.add_typer(index_cli, name="index")
 
 
 @index_cli.command("rebuild")
+@requires(STORE, BROKER)
 def index_rebuild(
     collection: str | None = typer.Option(None, envvar="EMBEDQ_COLLECTION"),
 ) -> None:
@@ -256,22 +282,20 @@ def index_rebuild(
 def status(
     as_json: bool = typer.Option(False, "--json", envvar="EMBEDQ_JSON", help="Print JSON."),
 ) -> None:
-    """One health report: workers, queues, throughput, cache, SLOs, indexes, alerts."""
-    from embedq.broker.client import connect
-    from embedq.ops.status import build_report, render
-    from embedq.settings import get_settings
-    from embedq.store.factory import create_store
+    """One health report: servers, workers, queues, throughput, cache, SLOs, indexes, alerts.
 
-    settings = get_settings()
-    store = create_store(settings.database_url)
-    try:
-        report = build_report(connect(), store, settings)
-    finally:
-        store.close()
+    Within a few seconds whatever answers; exit 69 when a server does not."""
+    from embedq.ops.status import collect, render
+    from embedq.settings import get_settings
+
+    report = collect(get_settings())
     print(json.dumps(report.as_dict(), indent=2) if as_json else render(report))
+    if unreachable := report.unreachable():
+        raise unreachable
 
 
 @cli.command()
+@requires(BROKER, STORE)
 def api(
     host: str = typer.Option("127.0.0.1", envvar="EMBEDQ_API_HOST"),
     port: int = typer.Option(8000, envvar="EMBEDQ_API_PORT"),
@@ -281,18 +305,17 @@ def api(
 ) -> None:
     """Serve the HTTP API (needs EMBEDQ_API_KEYS unless --insecure-no-auth)."""
     from embedq.api import create_app
-    from embedq.errors import ConfigurationError
+    from embedq.ops.probe import check_port
     from embedq.settings import get_settings
     from embedq.web.limits import serve
 
-    try:
-        app = create_app(allow_anonymous=insecure_no_auth)
-    except ConfigurationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    app = create_app(allow_anonymous=insecure_no_auth)
+    check_port(host, port, "--port (EMBEDQ_API_PORT)")
     serve(app, host, port, get_settings())
 
 
 @cli.command()
+@requires(BROKER)
 def beat(loglevel: str = typer.Option("INFO", envvar="EMBEDQ_LOGLEVEL")) -> None:
     """Run Celery beat: rebuilds changed indexes every EMBEDQ_INDEX_REBUILD_S."""
     from embedq.app import app
@@ -305,6 +328,7 @@ def beat(loglevel: str = typer.Option("INFO", envvar="EMBEDQ_LOGLEVEL")) -> None
 
 
 @cli.command()
+@requires(BROKER)
 def flower(
     address: str = typer.Option("127.0.0.1", envvar="EMBEDQ_FLOWER_ADDRESS"),
     port: int = typer.Option(5555, envvar="EMBEDQ_FLOWER_PORT"),
@@ -316,14 +340,17 @@ def flower(
     import os
 
     from embedq.app import app
+    from embedq.errors import ConfigurationError
+    from embedq.ops.probe import check_port
     from embedq.settings import get_settings
 
     auth = get_settings().flower_basic_auth
     if not auth and not insecure_no_auth:
-        raise typer.BadParameter(
+        raise ConfigurationError(
             "Flower needs credentials: set EMBEDQ_FLOWER_BASIC_AUTH=user:password "
             "(or pass --insecure-no-auth)"
         )
+    check_port(address, port, "--port (EMBEDQ_FLOWER_PORT)")
     if auth:
         # Through the environment, so the password never shows in `ps`.
         os.environ["FLOWER_BASIC_AUTH"] = auth
@@ -331,6 +358,7 @@ def flower(
 
 
 @cli.command()
+@requires(BROKER, MODEL)
 def bench(
     data: list[str] = typer.Option(
         ["sick", "pydoc", "mixed"], "--data", envvar="EMBEDQ_BENCH_DATA", help="Data sets."
@@ -397,6 +425,7 @@ def _pair(text: str, flag: str) -> tuple[int, int]:
 
 
 @cli.command()
+@requires(BROKER, STORE, MODEL)
 def demo() -> None:
     """Start a CPU worker, embed a few texts, print their similarity matrix, stop the worker."""
     from embedq.tools.demo import main as run_demo
@@ -405,28 +434,12 @@ def demo() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: embedq's own errors print one line, not a traceback."""
-    from celery.exceptions import TimeoutError as CeleryTimeout
-    from kombu.exceptions import OperationalError
-
-    from embedq.errors import INPUT_ERRORS, EmbedqError
+    """Console-script entry point: a failure is one line on stderr and an exit code (see
+    :mod:`embedq.ops.failures`), with its traceback under ``--debug`` or ``EMBEDQ_DEBUG=1``."""
+    from embedq.ops.failures import run_cli
 
     np.set_printoptions(precision=3, suppress=True)
-    try:
-        cli()
-    except INPUT_ERRORS as exc:
-        _fail(f"{type(exc).__name__}: {exc}", 2)
-    except EmbedqError as exc:
-        _fail(f"{type(exc).__name__}: {exc}", 1)
-    except CeleryTimeout as exc:
-        _fail(f"no answer in time ({exc}); is a worker running? see `embedq status`", 1)
-    except OperationalError as exc:
-        _fail(f"cannot reach Redis: {exc}", 1)
-
-
-def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    sys.exit(run_cli(cli))
 
 
 if __name__ == "__main__":

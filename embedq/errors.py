@@ -61,12 +61,27 @@ class NoWorkerError(EmbedqError):
     alive: refused when sent (HTTP 503), so it never waits in a queue nobody reads."""
 
 
-class BrokerUnavailableError(EmbedqError):
-    """No Redis answers at the configured URL and no embedded one could be started."""
+class UnavailableError(EmbedqError):
+    """A server embedq needs (Redis, the store) does not answer: down, unreachable, or
+    blackholing. The message names it, its URL (password hidden), the cause and the cure."""
+
+
+class BrokerUnavailableError(UnavailableError):
+    """The broker's Redis does not answer (never reached by this process within
+    ``EMBEDQ_PROBE_TIMEOUT_S``, or lost past the publish retries), or no embedded one could
+    be started."""
+
+
+class StoreUnavailableError(UnavailableError, StoreError):
+    """The store's database does not answer (a :class:`StoreError`, so tasks retry it)."""
 
 
 class ConfigurationError(EmbedqError):
     """A setting has a value embedq cannot work with."""
+
+
+class PortInUseError(EmbedqError):
+    """A port a server should listen on is taken (or not allowed) on this host."""
 
 
 class IndexQualityError(EmbedqError):

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+# A flush that keeps failing (Redis down) is logged at most this often, not once a try.
+WARN_EVERY_S = 60.0
 
 
 class Flusher:
@@ -29,6 +34,7 @@ class Flusher:
         self._pid: int | None = None
         self._thread: threading.Thread | None = None
         self._hooked = False
+        self._warned_at = -math.inf
 
     def wake(self) -> None:
         """Something waits to be flushed: the thread flushes it (starting it if needed)."""
@@ -63,7 +69,9 @@ class Flusher:
         try:
             self._flush()
         except Exception as exc:  # flushing must never stop: the next wake retries
-            log.warning("%s: could not flush (kept for the next try): %s", self.name, exc)
+            if time.monotonic() - self._warned_at >= WARN_EVERY_S:
+                self._warned_at = time.monotonic()
+                log.warning("%s: could not flush (kept for the next try): %s", self.name, exc)
             # A Redis outage is not retried in a tight loop.
             self._stop.wait(self.interval_s)
 

@@ -45,6 +45,16 @@ class Settings(BaseSettings):
         description="Postgres: a store call that loses its connection is retried (exponential "
         "backoff, jitter) for this long, to outlast a restart or failover; 0: no retries.",
     )
+    probe_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="A server this process has not reached yet (Redis, Postgres) must answer "
+        "within this long, else the command fails at once (exit 69) instead of waiting out the "
+        "retries meant for a restart; also bounds each check of embedq status and /health.",
+    )
+    debug: bool = Field(
+        False, description="Failures print their traceback too (as embedq --debug), not one line."
+    )
     data_dir: Path = Field(Path(".embedq"), description="Embedded Redis files and other state.")
     model: str = Field(
         DEFAULT_MODEL,

@@ -134,7 +134,9 @@ def test_flower_refuses_to_start_without_credentials():
     out = subprocess.run(
         [str(BIN / "embedq"), "flower"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert out.returncode == 2 and "EMBEDQ_FLOWER_BASIC_AUTH" in out.stderr
+    # A setting that is missing: one line, EX_CONFIG.
+    assert out.returncode == 78 and "EMBEDQ_FLOWER_BASIC_AUTH" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def chromium_dom(url: str) -> str:

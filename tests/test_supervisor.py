@@ -122,3 +122,18 @@ def test_a_stop_during_start_up_starts_no_more(tmp_path):
     sup = Supervisor([Slot(0, "cpu"), Slot(1, "cpu")], command, lambda _: dict(os.environ))
     assert sup.run() == 1  # the one started was interrupted before it could exit cleanly
     assert started == [0] and list(sup.procs) == [0]
+
+
+def test_a_worker_that_cannot_start_stops_them_all_at_once(tmp_path):
+    # A worker exits 78 (EX_CONFIG) when its settings or model cannot work: a restart would
+    # fail the same way, so the supervisor gives up at once, with that code.
+    failing = [sys.executable, "-c", "import sys; sys.exit(78)"]
+    healthy = _child(tmp_path)
+    sup = Supervisor(
+        [Slot(0, "cpu"), Slot(1, "cpu")],
+        lambda slot: failing if slot.index == 1 else healthy(slot),
+        lambda _: dict(os.environ),
+    )
+    assert sup.run() == 78
+    assert not sup.budgets[1].times, "never restarted"
+    assert sup.procs[0].returncode in (0, -signal.SIGTERM)

@@ -18,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from embedq.broker.url import redis_url
+from embedq.errors import BrokerUnavailableError
 from embedq.ops import metrics
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-# What a Redis outage looks like from a client, through kombu or redis-py.
-BROKER_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError)
+# What a Redis outage looks like from a client, through kombu or redis-py (or embedq's
+# producers, embedq.ops.probe.publishing).
+BROKER_ERRORS = (
+    OperationalError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    BrokerUnavailableError,
+)
 
 # A full Redis (maxmemory reached, noeviction) refuses writes: waited out, first retry after
 # this long, doubling up to the cap.

@@ -1,18 +1,34 @@
-"""``embedq status``: one health report for a person (and ``--json`` for a program)."""
+"""``embedq status``: one health report for a person (and ``--json`` for a program).
+
+It answers within a few seconds whatever is down: each server (the broker's Redis, the
+cache's if apart, the store) is probed and read in a thread of its own, and one that does
+not answer becomes a line under ``servers``, an alert, and exit status 69.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
-from embedq.broker.client import FULL_SHARE, check_eviction_policy, read_memory
-from embedq.errors import StoreError
+from embedq.broker.client import FULL_SHARE, check_eviction_policy, connect, read_memory
+from embedq.errors import ConfigurationError, StoreError, UnavailableError
 from embedq.ops.backlog import figures, read_counts
 from embedq.ops.cost import cost_report
 from embedq.ops.heartbeat import read_expired_heartbeats, read_heartbeats
+from embedq.ops.probe import (
+    Server,
+    ServerState,
+    broker_server,
+    cache_server,
+    probe,
+    run_bounded,
+    store_server,
+)
 from embedq.ops.registry import listed_models, read_depths
 from embedq.ops.slo import evaluate, read_usage
 from embedq.search.build import blob_name
@@ -24,6 +40,8 @@ from embedq.store.base import Store
 STALE_INDEX_MIN_S = 2
 # The broker's Redis this full (share of maxmemory) is worth a warning before it refuses.
 NEARLY_FULL_SHARE = 0.9
+# Status answers within the probe timeout plus this, whatever hangs.
+READ_MARGIN_S = 1.5
 
 
 @dataclass
@@ -44,12 +62,34 @@ class Report:
     costs: dict[str, Any] = field(default_factory=dict)
     #: Tasks waiting on the direct queue of a worker that stopped beating, per queue.
     stranded: dict[str, int] = field(default_factory=dict)
+    #: Each server's state (:class:`embedq.ops.probe.ServerState`); none for a bare report.
+    servers: list[ServerState] = field(default_factory=list)
     #: Per queue and traffic class: depth, backlog seconds, waits (see ops.backlog).
     traffic: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return dict(self.__dict__)
+        return dict(self.__dict__) | {"servers": [state.as_dict() for state in self.servers]}
+
+    def server(self, name: str) -> ServerState | None:
+        """The state of server ``name`` (redis, cache, store), if it was probed."""
+        return next((state for state in self.servers if state.name == name), None)
+
+    def knows(self, name: str) -> bool:
+        """Whether what server ``name`` holds is in the report (it answered, or was not
+        probed: a report built from clients handed in)."""
+        state = self.server(name)
+        return state is None or state.reachable
+
+    def unreachable(self) -> UnavailableError | ConfigurationError | None:
+        """The servers that did not answer as one error (exit 69; 78 when the first refused
+        its URL or credentials), or None."""
+        down = [state for state in self.servers if not state.reachable]
+        if not down:
+            return None
+        message = " | ".join(state.error or state.name for state in down)
+        config = isinstance(down[0].failure, ConfigurationError)
+        return ConfigurationError(message) if config else UnavailableError(message)
 
 
 def read_workers(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
@@ -105,42 +145,163 @@ def read_redis(client: redis.Redis) -> dict[str, Any]:
         return {}
 
 
-def build_report(client: redis.Redis, store: Store | None, settings: Settings) -> Report:
-    """Read heartbeats, queues, counters and the store into one report with alerts."""
+def read_redis_part(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """What the broker's Redis holds for the report: workers, queues, usage, SLOs, memory."""
     workers = read_workers(client)
-    by_class = read_depths(client, workers)
-    depths = {queue: sum(counts.values()) for queue, counts in by_class.items()}
     now = datetime.now(UTC).timestamp()
     last = read_usage(client, 60, now - 60)
     usage = read_usage(client, settings.slo_window_s, now)
     lookups = usage.cache_hits + usage.cache_misses
-    slos = [s.as_dict() for s in evaluate(usage, settings)]
+    by_class = read_depths(client, workers)
+    return {
+        "workers": workers,
+        "queue_depths": {queue: sum(counts.values()) for queue, counts in by_class.items()},
+        "traffic": [row.as_dict() for row in figures(by_class, workers, read_counts(client))],
+        "texts_last_minute": last.texts,
+        "requests_last_minute": last.requests,
+        "cache_hit_rate": round(usage.cache_hits / lookups, 4) if lookups else None,
+        "slos": [s.as_dict() for s in evaluate(usage, settings)],
+        "redis": read_redis(client),
+        "costs": cost_report(workers),
+        "stranded": read_stranded(client, workers),
+        "eviction_warning": check_eviction_policy(client),
+    }
+
+
+def read_store_part(store: Store | None, settings: Settings) -> dict[str, Any]:
+    """What the store holds for the report: its indexes (or why it could not say)."""
     try:
-        indexes = read_indexes(store, settings) if store is not None else []
-        store_error = None
+        return {"indexes": read_indexes(store, settings) if store is not None else []}
     except StoreError as exc:
-        indexes, store_error = [], str(exc)
+        return {"indexes": [], "store_error": str(exc)}
+
+
+def build_report(client: redis.Redis, store: Store | None, settings: Settings) -> Report:
+    """Read heartbeats, queues, counters and the store into one report with alerts."""
+    return assemble(read_redis_part(client, settings), read_store_part(store, settings), settings)
+
+
+def assemble(
+    from_redis: dict[str, Any] | None,
+    from_store: dict[str, Any] | None,
+    settings: Settings,
+    servers: list[ServerState] | None = None,
+) -> Report:
+    """The report from what each server gave (None: it did not answer), with its alerts."""
+    got = from_redis or {}
     report = Report(
-        workers=workers,
-        queue_depths=depths,
-        texts_last_minute=last.texts,
-        requests_last_minute=last.requests,
-        cache_hit_rate=round(usage.cache_hits / lookups, 4) if lookups else None,
-        slos=slos,
-        indexes=indexes,
-        redis=read_redis(client),
-        costs=cost_report(workers),
-        stranded=read_stranded(client, workers),
-        traffic=[row.as_dict() for row in figures(by_class, workers, read_counts(client))],
+        workers=got.get("workers", {}),
+        queue_depths=got.get("queue_depths", {}),
+        texts_last_minute=got.get("texts_last_minute", 0),
+        requests_last_minute=got.get("requests_last_minute", 0),
+        cache_hit_rate=got.get("cache_hit_rate"),
+        slos=got.get("slos", []),
+        indexes=(from_store or {}).get("indexes", []),
+        redis=got.get("redis", {}),
+        costs=got.get("costs", {}),
+        stranded=got.get("stranded", {}),
+        servers=servers or [],
+        traffic=got.get("traffic", []),
     )
-    report.alerts = alerts(report, settings, store_error)
-    if warning := check_eviction_policy(client):
+    report.alerts = alerts(report, settings, (from_store or {}).get("store_error"))
+    if warning := got.get("eviction_warning"):
         report.alerts.append(warning)
     return report
 
 
+def collect(settings: Settings) -> Report:
+    """``embedq status``: every server probed and read at once, each in a thread of its own,
+    within ``EMBEDQ_PROBE_TIMEOUT_S`` + ``READ_MARGIN_S`` in all, whatever hangs; a server
+    that does not answer is a state, an alert and :meth:`Report.unreachable`."""
+    timeout_s = settings.probe_timeout_s
+    # Status never waits out a restart: no retries, reads as bounded as the probe.
+    bounded = settings.model_copy(
+        update={"db_retry_budget_s": 0.0, "db_statement_timeout_s": timeout_s + READ_MARGIN_S}
+    )
+    broker, cache, store = broker_server(), cache_server(settings), store_server(settings)
+    reads: list[tuple[Server, Callable[[], dict[str, Any]] | None]] = [
+        (broker, functools.partial(_read_broker, broker, timeout_s, settings)),
+        *([(cache, None)] if cache else []),
+        (store, functools.partial(_read_store, store, bounded)),
+    ]
+    calls = [functools.partial(_probe_and_read, srv, read, bounded) for srv, read in reads]
+    limit_s = timeout_s + READ_MARGIN_S
+    outcomes = run_bounded(calls, limit_s)
+    states, parts = [], {}
+    for (srv, _), outcome in zip(reads, outcomes, strict=True):
+        state, part = _outcome(srv, outcome, limit_s)
+        states.append(state)
+        parts[srv.name] = part
+    return assemble(parts.get("redis"), parts.get("store"), settings, states)
+
+
+def _probe_and_read(
+    server: Server, read: Callable[[], dict[str, Any]] | None, settings: Settings
+) -> tuple[ServerState, dict[str, Any] | None]:
+    try:
+        seconds = probe(server, settings)
+    except (UnavailableError, ConfigurationError) as exc:
+        return ServerState(server.name, server.shown, False, error=str(exc), failure=exc), None
+    state = ServerState(server.name, server.shown, True, latency_ms=round(seconds * 1000, 1))
+    return state, read() if read is not None else None
+
+
+def _outcome(
+    server: Server, outcome: Any, limit_s: float
+) -> tuple[ServerState, dict[str, Any] | None]:
+    """A thread's (state, part), or a state saying why it gave none."""
+    if not isinstance(outcome, BaseException):
+        return outcome
+    cause = f"no answer within {limit_s:g} s" if isinstance(outcome, TimeoutError) else outcome
+    error = UnavailableError(
+        f"{server.what} at {server.shown} did not answer the status reads ({cause}): check "
+        f"that it runs, and {server.setting}"
+    )
+    return ServerState(server.name, server.shown, False, error=str(error), failure=error), None
+
+
+def _read_broker(server: Server, timeout_s: float, settings: Settings) -> dict[str, Any]:
+    # No retries and bounded reads: a Redis that stalls after the probe cannot hold status.
+    client = connect(server.url, retries=0, socket_timeout_s=timeout_s)
+    try:
+        return read_redis_part(client, settings)
+    finally:
+        client.close()
+
+
+def _read_store(server: Server, settings: Settings) -> dict[str, Any]:
+    from embedq.store.factory import create_store
+
+    store = create_store(server.url, settings)
+    try:
+        return read_store_part(store, settings)
+    finally:
+        store.close()
+
+
 def alerts(report: Report, settings: Settings, store_error: str | None = None) -> list[str]:
     """Plain-language problems, each with what to do about it."""
+    out = [state.error or state.name for state in report.servers if not state.reachable]
+    if report.knows("redis"):
+        out += _worker_alerts(report)
+    for index in report.indexes:
+        if index["index_version"] is None:
+            out.append(
+                f"collection '{index['collection']}' has no index yet: searches scan exactly; "
+                "run `embedq index rebuild` or start `celery -A embedq.app beat`"
+            )
+        elif (index["behind_s"] or 0) > max(STALE_INDEX_MIN_S, 2 * settings.index_rebuild_s):
+            out.append(
+                f"index of '{index['collection']}' is {index['behind_s']:.0f} s behind its "
+                "writes: is celery beat running?"
+            )
+    if store_error:
+        out.append(f"the store did not answer: {store_error}")
+    return out + memory_alerts(report.redis)
+
+
+def _worker_alerts(report: Report) -> list[str]:
+    """Workers, queues and SLOs in words (what the broker's Redis says)."""
     out = []
     if not any(report.workers.values()):
         out.append("no worker alive on any queue: tasks wait in Redis; start `embedq worker`")
@@ -162,20 +323,7 @@ def alerts(report: Report, settings: Settings, store_error: str | None = None) -
                 f"SLO {slo['name']} violated: {slo['sli']:.4f} < {slo['objective']} "
                 f"({slo['description']}); error budget left {slo['budget_remaining']:.0%}"
             )
-    for index in report.indexes:
-        if index["index_version"] is None:
-            out.append(
-                f"collection '{index['collection']}' has no index yet: searches scan exactly; "
-                "run `embedq index rebuild` or start `celery -A embedq.app beat`"
-            )
-        elif (index["behind_s"] or 0) > max(STALE_INDEX_MIN_S, 2 * settings.index_rebuild_s):
-            out.append(
-                f"index of '{index['collection']}' is {index['behind_s']:.0f} s behind its "
-                "writes: is celery beat running?"
-            )
-    if store_error:
-        out.append(f"the store did not answer: {store_error}")
-    return out + memory_alerts(report.redis)
+    return out
 
 
 def memory_alerts(memory: dict[str, Any]) -> list[str]:
@@ -200,6 +348,42 @@ def memory_alerts(memory: dict[str, Any]) -> list[str]:
 
 def render(report: Report) -> str:
     """The report as text for a terminal."""
+    lines = render_servers(report.servers)
+    if report.knows("redis"):
+        lines += render_redis_part(report)
+    else:
+        lines.append("workers, queues, cache, SLOs: unknown (the Redis broker does not answer)")
+    if report.knows("store"):
+        lines.append("indexes:")
+        for index in report.indexes:
+            if index["index_version"] is None:
+                state = "no index"
+            else:
+                behind = "fresh" if index["fresh"] else f"behind {index['behind_s']} s"
+                state = f"index v{index['index_version']}, {behind}"
+            lines.append(f"  {index['collection']}: {index['items']} items, {state}")
+    else:
+        lines.append("indexes: unknown (the store does not answer)")
+    lines.append("alerts:" if report.alerts else "alerts: none")
+    lines.extend(f"  ! {alert}" for alert in report.alerts)
+    return "\n".join(lines)
+
+
+def render_servers(servers: list[ServerState]) -> list[str]:
+    """One line per server: its URL (password hidden) and whether it answered."""
+    if not servers:
+        return []
+    lines = ["servers:"]
+    for state in servers:
+        refused = isinstance(state.failure, ConfigurationError)
+        how = "REFUSES ITS SETTINGS (see alerts)" if refused else "DOES NOT ANSWER"
+        how = f"ok ({state.latency_ms:g} ms)" if state.reachable else how
+        lines.append(f"  {state.name}: {state.url} {how}")
+    return lines
+
+
+def render_redis_part(report: Report) -> list[str]:
+    """Workers, queues, costs, memory, usage and SLOs (what the broker's Redis holds)."""
     lines = ["workers:"]
     for queue in sorted(report.workers):
         beats = report.workers[queue]
@@ -232,17 +416,7 @@ def render(report: Report) -> str:
         left = slo["budget_remaining"]
         budget = "" if left is None else f", budget {left:.0%}"
         lines.append(f"  {slo['name']}: {sli} (objective {slo['objective']}){budget} {mark}")
-    lines.append("indexes:")
-    for index in report.indexes:
-        if index["index_version"] is None:
-            state = "no index"
-        else:
-            behind = "fresh" if index["fresh"] else f"behind {index['behind_s']} s"
-            state = f"index v{index['index_version']}, {behind}"
-        lines.append(f"  {index['collection']}: {index['items']} items, {state}")
-    lines.append("alerts:" if report.alerts else "alerts: none")
-    lines.extend(f"  ! {alert}" for alert in report.alerts)
-    return "\n".join(lines)
+    return lines
 
 
 def _price(cost: dict[str, Any] | None) -> str:
@@ -265,7 +439,7 @@ def render_costs(costs: dict[str, Any]) -> list[str]:
 
 def render_traffic(rows: list[dict[str, Any]]) -> list[str]:
     """Per queue and class: waiting tasks, backlog seconds, waits p50/p99 (last 5 min)."""
-    lines = ["traffic (last 5 min):"]
+    lines = ["traffic (last 5 min):"] if rows else []
     for r in rows:
         waits = "-" if r["wait_p50_s"] is None else f"{r['wait_p50_s']:g}/{r['wait_p99_s']:g} s"
         expired = f", {r['expired']} expired" if r["expired"] else ""

@@ -211,7 +211,8 @@ def ingest(
         summary.interrupted = True
     deadline = time.monotonic() + get_settings().ingest_drain_timeout_s
     try:
-        inflight.drain(deadline if summary.interrupted else None)
+        # Stopped by Ctrl-C or a lost broker: the tasks in flight get the drain timeout.
+        inflight.drain(deadline if summary.interrupted or summary.error else None)
     except KeyboardInterrupt:
         summary.interrupted = True
         inflight.abandon("interrupted twice")

@@ -25,6 +25,7 @@ from embedq.errors import (
 )
 from embedq.inputs import parse_embed_request, task_items
 from embedq.keys import delivery_key
+from embedq.ops.probe import publishes
 from embedq.settings import QUEUES, get_settings
 from embedq.worker.leases import count_redelivery
 from embedq.worker.runtime import get_runtime
@@ -83,11 +84,13 @@ class EmbedTask(Task):
                 queue = shared
         return super().signature_from_request(request, args, kwargs, queue, **extra)
 
+    @publishes
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Validate, then publish with its traffic class (``traffic="interactive"|"bulk"``,
         ``job=``, ``deadline_s=``: see :mod:`embedq.broker.traffic`) and redacted argument
         reprs (see :func:`redact`); an empty call is answered here when
-        :attr:`answer_empty` can."""
+        :attr:`answer_empty` can; a broker that does not answer is a
+        ``BrokerUnavailableError`` (see :func:`publishes`)."""
         self._check(args, kwargs)
         mine = {name: options.pop(name) for name in TRAFFIC_OPTIONS if name in options}
         items = task_items(args, kwargs) or ()

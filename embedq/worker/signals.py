@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ from embedq.worker.runtime import (
     current_runtime,
     get_runtime,
 )
+from embedq.worker.stop import stop_unstarted
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,9 @@ _leases: list[TaskLeases] = []
 def _load_or_stop() -> bool:
     try:
         health = [encoder.health() for encoder in get_runtime().encoders]
-    except Exception:
-        # A worker that cannot embed must not take tasks: shut it down warmly.
-        log.critical("model failed to load; stopping this worker", exc_info=True)
-        os.kill(os.getpid(), signal.SIGTERM)
+    except Exception as exc:
+        # A worker that cannot embed must not take tasks: it stops, non-zero, never "ready".
+        stop_unstarted(exc)
         return False
     log.info("embedq ready: %s", health)
     return True

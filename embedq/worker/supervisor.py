@@ -16,6 +16,10 @@ Rules, in one place:
   ``RESTART_DELAY_S``; one that already restarted ``MAX_RESTARTS`` times within
   ``RESTART_WINDOW_S`` is broken (a crash loop): the supervisor then stops the others and
   exits 1, for systemd or Kubernetes to notice.
+- A worker that exits with ``EX_CONFIG`` (78: its settings or model cannot work, see
+  :mod:`embedq.ops.failures`) failed to start, and would again: the supervisor stops the others
+  and exits 78 at once. (It checks the broker, the store and the model files itself before
+  it starts any, as ``embedq worker`` does.)
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 from embedq.errors import ConfigurationError
+from embedq.ops.failures import EX_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +150,8 @@ class Supervisor:
         self.budgets = {slot.index: RestartBudget() for slot in self.slots}
         self.stopping = False
         self.failed = False
+        #: The status to exit with when a worker could not start (its own, e.g. 78).
+        self.failed_start: int | None = None
 
     def run(self) -> int:
         """Run until told to stop (or a worker crash-loops); the exit status."""
@@ -160,6 +167,8 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         codes = [proc.returncode for proc in self.procs.values()]
+        if self.failed_start is not None:
+            return self.failed_start
         return 1 if self.failed or any(codes) else 0
 
     def _start(self, slot: Slot) -> None:
@@ -186,6 +195,13 @@ class Supervisor:
             if code is None:
                 continue
             log.error("worker %d (%s) exited with status %s", slot.index, slot.device, code)
+            if code == EX_CONFIG:
+                log.error(
+                    "worker %d cannot start (a setting or its model): stopping all", slot.index
+                )
+                self.failed_start = code
+                self._forward(signal.SIGTERM)
+                return
             if not self.budgets[slot.index].allow(time.monotonic()):
                 log.error(
                     "worker %d restarted %d times in %.0f s: stopping all",
