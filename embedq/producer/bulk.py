@@ -191,22 +191,7 @@ def ingest(
     options |= {"job": new_job()} | ({"traffic": traffic} if traffic else {})
     try:
         tasks = _tasks(records, summary, chunk_size, chunk_tokens, overlap, model)
-        for batch, parents, docs in tasks:
-            while len(inflight.pending) >= max_in_flight:
-                inflight.settle_oldest()
-            # The version orders writes of one item: an older task never undoes a newer one.
-            sent = Sent(
-                (collection, batch, parents, model, now_version()), options, docs, len(batch)
-            )
-            try:
-                inflight.send(sent)
-            except BROKER_ERRORS as exc:
-                summary.fail("broker", f"could not queue a task: {exc}", len(batch))
-                summary.error = f"the broker stayed unreachable: {exc}"
-                break
-            except InvalidInputError as exc:
-                summary.fail("task not sent", str(exc), len(batch))
-                continue
+        _send_all(tasks, inflight, max_in_flight, (collection, model), options)
     except KeyboardInterrupt:
         summary.interrupted = True
     deadline = time.monotonic() + get_settings().ingest_drain_timeout_s
@@ -218,6 +203,32 @@ def ingest(
         inflight.abandon("interrupted twice")
     summary.wall_s = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _send_all(
+    tasks: Iterable[tuple[list[dict[str, Any]], dict[str, int], int]],
+    inflight: InFlight,
+    max_in_flight: int,
+    target: tuple[str, str | None],
+    options: dict[str, Any],
+) -> None:
+    """Send every task, at most ``max_in_flight`` unsettled at once; a broker that stays
+    unreachable stops the sending (``summary.error``)."""
+    collection, model = target
+    summary = inflight.summary
+    for batch, parents, docs in tasks:
+        while len(inflight.pending) >= max_in_flight:
+            inflight.settle_oldest()
+        # The version orders writes of one item: an older task never undoes a newer one.
+        sent = Sent((collection, batch, parents, model, now_version()), options, docs, len(batch))
+        try:
+            inflight.send(sent)
+        except BROKER_ERRORS as exc:
+            summary.fail("broker", f"could not queue a task: {exc}", len(batch))
+            summary.error = f"the broker stayed unreachable: {exc}"
+            return
+        except InvalidInputError as exc:
+            summary.fail("task not sent", str(exc), len(batch))
 
 
 @dataclass
