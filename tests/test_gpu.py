@@ -284,7 +284,7 @@ def _splits() -> float:
 @pytest.mark.parametrize("kind", [FakeEncoder, LateFailing])
 def test_out_of_memory_lowers_the_budget_frees_the_batch_then_splits(kind, caplog):
     encoder, ooms = kind(oom_above=2), []
-    with caplog.at_level(logging.WARNING, logger="embedq.worker.batcher"):
+    with caplog.at_level(logging.WARNING, logger="embedq.worker.encoding"):
         out = encode_all(encoder, _tok(16), True, 4, 16, on_oom=lambda: ooms.append(1))
     assert out.failed == {} and out.vectors[:, 0].tolist() == list(range(16))
     # One out of memory (and the batch already in flight then): later ones are packed smaller.
