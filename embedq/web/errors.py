@@ -70,7 +70,8 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
 MEANING = {
     400: "The body is not UTF-8 encoded JSON.",
     401: "Missing or wrong API key (Authorization: Bearer <key>).",
-    404: "The model is not served by any live worker.",
+    404: "No such collection (or one outside the key's scope: the same answer), no such "
+    "document, or a model no live worker serves.",
     408: "The body did not arrive within EMBEDQ_API_BODY_TIMEOUT_S.",
     409: "The collection is bound to another model.",
     413: "Over a limit: body size, texts per request or characters per text (named).",
