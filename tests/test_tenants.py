@@ -18,8 +18,9 @@ from embedq.settings import get_settings
 from embedq.web.keys import Caller, KeyRing, key_id, parse_entry, parse_keys
 
 RUN = uuid.uuid4().hex[:8]
-ADMIN, ALICE, BOB = f"adm-{RUN}", f"alice-{RUN}", f"bob-{RUN}"
-KEYS = f"{ADMIN},{ALICE}:alice-*,{BOB}:bob-*"
+ADMIN, ALICE, BOB = f"adm-key-{RUN}", f"alice-key-{RUN}", f"bob-key-{RUN}"
+# Globs of this run only: other tests (the README walkthrough) own plain alice-* and bob-*.
+KEYS = f"{ADMIN},{ALICE}:alice-{RUN}-*,{BOB}:bob-{RUN}-*"
 A_DOCS, B_DOCS = f"alice-{RUN}-docs", f"bob-{RUN}-docs"
 ALICE_TEXT = f"Alice's secret plan {RUN}: sell the lemonade stand on Tuesday"
 
@@ -48,8 +49,8 @@ def alice_docs(client: TestClient) -> dict[str, Any]:
 def test_entries_scope_keys_to_globs_and_keep_only_digests():
     ring = KeyRing(KEYS, None)
     alice = ring.identify(ALICE)
-    assert alice == Caller(key_id(ALICE), ("alice-*",))
-    assert alice.may(A_DOCS) and not alice.may(B_DOCS) and not alice.may("Alice-x")
+    assert alice == Caller(key_id(ALICE), (f"alice-{RUN}-*",))
+    assert alice.may(A_DOCS) and not alice.may(B_DOCS) and not alice.may(A_DOCS.upper())
     assert ring.identify(ADMIN) == Caller(key_id(ADMIN), None)
     assert ring.identify("alice") is None and ring.identify("") is None
     assert parse_entry("k:bob-*|shared").patterns == ("bob-*", "shared")
