@@ -19,9 +19,9 @@ from embedq.web.keys import Caller, KeyRing, key_id, parse_entry, parse_keys
 
 RUN = uuid.uuid4().hex[:8]
 ADMIN, ALICE, BOB = f"adm-key-{RUN}", f"alice-key-{RUN}", f"bob-key-{RUN}"
-# Globs of this run only: other tests (the README walkthrough) own plain alice-* and bob-*.
-KEYS = f"{ADMIN},{ALICE}:alice-{RUN}-*,{BOB}:bob-{RUN}-*"
-A_DOCS, B_DOCS = f"alice-{RUN}-docs", f"bob-{RUN}-docs"
+# Globs of this run only: the README walkthrough owns alice-* and bob-* in the session.
+KEYS = f"{ADMIN},{ALICE}:t{RUN}-alice-*,{BOB}:t{RUN}-bob-*"
+A_DOCS, B_DOCS = f"t{RUN}-alice-docs", f"t{RUN}-bob-docs"
 ALICE_TEXT = f"Alice's secret plan {RUN}: sell the lemonade stand on Tuesday"
 
 
@@ -49,7 +49,7 @@ def alice_docs(client: TestClient) -> dict[str, Any]:
 def test_entries_scope_keys_to_globs_and_keep_only_digests():
     ring = KeyRing(KEYS, None)
     alice = ring.identify(ALICE)
-    assert alice == Caller(key_id(ALICE), (f"alice-{RUN}-*",))
+    assert alice == Caller(key_id(ALICE), (f"t{RUN}-alice-*",))
     assert alice.may(A_DOCS) and not alice.may(B_DOCS) and not alice.may(A_DOCS.upper())
     assert ring.identify(ADMIN) == Caller(key_id(ADMIN), None)
     assert ring.identify("alice") is None and ring.identify("") is None
@@ -70,7 +70,7 @@ def test_a_bad_entry_is_refused_by_position_never_by_its_key(bad):
 
 def test_bob_reaches_nothing_of_alice_s_and_learns_nothing(client, alice_docs):
     assert alice_docs["stored"] == 2 and alice_docs["documents"] == 2
-    bob, never = auth(BOB), f"alice-{RUN}-never-made"
+    bob, never = auth(BOB), f"t{RUN}-alice-never-made"
     answers = {
         "read": client.get(f"/collections/{A_DOCS}/documents/plan", headers=bob),
         "write": client.post(
@@ -90,7 +90,7 @@ def test_bob_reaches_nothing_of_alice_s_and_learns_nothing(client, alice_docs):
         assert response.json() == _renamed(missing, never, A_DOCS), what
         assert "lemonade" not in response.text and "plan'" not in response.text
     listed = client.get("/collections", headers=bob).json()["collections"]
-    assert not [c for c in listed if c["name"].startswith("alice-")]
+    assert not [c for c in listed if "-alice-" in c["name"]]
     # Alice's document is as she wrote it.
     kept = client.get(f"/collections/{A_DOCS}/documents/plan", headers=auth(ALICE)).json()
     assert kept["text"] == ALICE_TEXT and kept["metadata"] == {"owner": "alice"}
@@ -117,7 +117,7 @@ def test_alice_and_the_unscoped_key_reach_alice_s_collection(client, alice_docs)
     listed = client.get("/collections", headers=auth(ALICE)).json()["collections"]
     mine = next(c for c in listed if c["name"] == A_DOCS)
     assert mine["items"] == 2 and mine["model"].startswith("all-MiniLM-L6-v2@")
-    assert all(c["name"].startswith("alice-") for c in listed)
+    assert all(c["name"].startswith(f"t{RUN}-alice-") for c in listed)
 
 
 def test_a_document_bob_writes_is_found_by_his_search_then_deleted(client):
@@ -143,7 +143,7 @@ def test_a_document_bob_writes_is_found_by_his_search_then_deleted(client):
 
 
 def test_chunked_documents_read_and_delete_as_one(client):
-    url = f"/collections/bob-{RUN}-chunks/documents"
+    url = f"/collections/t{RUN}-bob-chunks/documents"
     text = " ".join(f"word{i}" for i in range(120))
     body = {"documents": [{"id": "long/one", "text": text}], "chunk_tokens": 32, "overlap": 4}
     counts = client.post(url, json=body, headers=auth(BOB)).json()
@@ -176,7 +176,7 @@ def test_chunked_documents_read_and_delete_as_one(client):
     ids=["nul-text", "empty-id", "big-int", "overlap", "too-many"],
 )
 def test_bad_documents_get_a_4xx_naming_the_problem(client, body, status, says):
-    response = client.post(f"/collections/bob-{RUN}-bad/documents", json=body, headers=auth(BOB))
+    response = client.post(f"/collections/t{RUN}-bob-bad/documents", json=body, headers=auth(BOB))
     assert response.status_code == status, response.text
     assert says in response.json()["error"]["message"]
 
@@ -214,3 +214,13 @@ def _count_reads(app: Any, path: Path, run: Any) -> int:
     ring._reload = counting
     run()
     return reads
+
+
+def test_any_id_is_addressable_and_a_wrong_method_names_both_right_ones(client):
+    url = f"/collections/t{RUN}-bob-ids/documents"
+    docs = [{"id": "\n", "text": "a line break"}, {"id": "a/b c", "text": "a slash"}]
+    assert client.post(url, json={"documents": docs}, headers=auth(BOB)).json()["stored"] == 2
+    assert client.get(f"{url}/%0A", headers=auth(BOB)).json()["text"] == "a line break"
+    assert client.get(f"{url}/a%2Fb%20c", headers=auth(BOB)).json()["text"] == "a slash"
+    wrong = client.put(f"{url}/x", headers=auth(BOB))
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "DELETE, GET"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol
 from uuid import uuid4
 
@@ -22,6 +22,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from embedq.broker.client import describe, is_redis_full, wait_while_full
 from embedq.broker.results import ResultListener, waited_by_listener
@@ -39,6 +40,24 @@ from embedq.web.keys import Authorized
 # Items (documents, or their chunks) per ingest_documents task, as `embedq ingest` sends.
 TASK_ITEMS = 64
 NO_NUL = "^[^\\u0000]*$"
+
+
+class DocumentIdConvertor(Convertor[str]):
+    """A path's document id: everything after ``/documents/``, slashes and line breaks
+    included (Starlette's ``path`` stops at a line break: ``.`` skips it)."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        """As it came, percent-decoded."""
+        return value
+
+    def to_string(self, value: str) -> str:
+        """As it is."""
+        return value
+
+
+register_url_convertor("document_id", DocumentIdConvertor())
 
 CollectionName = Annotated[str, Path(pattern=COLLECTION_RE.pattern, description="Collection.")]
 DocumentId = Annotated[
@@ -187,9 +206,9 @@ async def upsert_documents(
 
 def _documents(given: list[DocumentIn], service: Backend) -> list[Document]:
     """The documents to store (a repeated id: its last), or 413/422 naming the one refused."""
+    service.check_texts([d.text for d in given])
     latest = {d.id: Document(d.id, d.text, d.metadata or {}) for d in given}
     docs = list(latest.values())
-    service.check_texts([d.text for d in docs])
     for doc in docs:
         if reason := refusal(doc):
             raise ApiError(422, f"documents (id {doc.id[:64]!r}): {reason}", "InvalidInputError")
@@ -252,7 +271,7 @@ def _send(args: tuple[Any, ...], task_id: str, job: str, timeout_s: float) -> No
 
 
 @router.get(
-    "/collections/{collection}/documents/{document_id:path}",
+    "/collections/{collection}/documents/{document_id:document_id}",
     response_model=DocumentOut,
     responses=READ_ERRORS,
 )
@@ -294,14 +313,14 @@ def _document(item: Item, parts: list[Item] | None, vector: bool) -> DocumentOut
         metadata=item.metadata,
         model=item.model,
         truncated=any(p.truncated for p in parts) if parts else item.truncated,
-        updated_at=max(p.updated_at for p in parts) if parts else item.updated_at,  # type: ignore[type-var]
+        updated_at=_utc(max(p.updated_at for p in parts) if parts else item.updated_at),  # type: ignore[type-var]
         chunks=chunks,
         vector=item.vector.tolist() if vector and parts is None else None,
     )
 
 
 @router.delete(
-    "/collections/{collection}/documents/{document_id:path}",
+    "/collections/{collection}/documents/{document_id:document_id}",
     response_model=Deleted,
     responses=READ_ERRORS,
 )
@@ -315,6 +334,11 @@ def delete_document(
     if not deleted:
         raise _no_document(collection, document_id)
     return Deleted(deleted=deleted)
+
+
+def _utc(stamp: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes for what was written as UTC.
+    return stamp.replace(tzinfo=UTC) if stamp is not None and stamp.tzinfo is None else stamp
 
 
 def _no_document(collection: str, document_id: str) -> ApiError:
