@@ -7,6 +7,7 @@ import uuid
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 
 from embedq.errors import ConfigurationError
 from embedq.search import build as indexes
@@ -123,6 +124,32 @@ def test_where_filter_and_parents(store, tmp_path):
     store.upsert(items_of(collection, vectors))
     hits = _searcher(store, tmp_path).search(vectors[0], collection, k=5, where={"group": 1})
     assert len(hits) == 5 and all(h.metadata["group"] == 1 for h in hits)
+
+
+def test_a_narrow_filter_runs_once_however_deep_the_search_looks(db_url, tmp_path):
+    store = create_store(db_url)
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    vectors = _clustered(600, 3)
+    store.upsert(items_of(collection, vectors))
+    build_index(store, collection, tmp_path / "b")
+    filtering: list[str] = []
+
+    def seen(_conn, _cursor, sql: str, *_: object) -> None:
+        # The filter is the only condition on metadata a search's statements hold.
+        if "METADATA" in sql.upper().partition("WHERE")[2]:
+            filtering.append(sql)
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        # 200 match: searched exactly among the keys the filter found, read back in pages.
+        hits = _searcher(store, tmp_path).search(
+            vectors[0], collection, k=150, where={"group": 1}, parents=True
+        )
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+        store.close()
+    assert len(hits) == 150 and all(h.metadata["group"] == 1 for h in hits)
+    assert len(filtering) == 1, filtering
 
 
 def test_rebuild_skips_unchanged_collections(store, tmp_path):
