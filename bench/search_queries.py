@@ -91,7 +91,7 @@ def main() -> None:
     client.delete(f"embedq:queries:{COLLECTION}")
     report = {
         "documents": len(docs),
-        "queries": len(asks),
+        "query_count": len(asks),
         "held_out": build(store, folder / "a", vecs, qvecs),
     }
     for q in qvecs[SAMPLED]:

@@ -65,7 +65,7 @@ from embedq.web.errors import (
     error_response,
     install_errors,
 )
-from embedq.web.keys import ANONYMOUS, Caller, KeyRing, authorized, identified
+from embedq.web.keys import ANONYMOUS, Caller, KeyRing, authorized, identified, job_of
 from embedq.web.limits import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -450,11 +450,6 @@ def served_models(beats: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry = {k: model.get(k) for k in ("name", "model_id", "dim")}
             found.setdefault((str(entry["name"]), str(entry["model_id"])), entry)
     return [found[key] for key in sorted(found)]
-
-
-def job_of(key_id: str) -> str:
-    """The bulk job an API key's requests form: keys share bulk capacity in turn."""
-    return f"api:{key_id}"
 
 
 def create_app(settings: Settings | None = None, allow_anonymous: bool = False) -> FastAPI:

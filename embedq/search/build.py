@@ -45,6 +45,11 @@ INDEX_KIND = "hnsw"
 RECALL_TARGET = 0.98
 
 
+# A build tunes to this much above the target: 200 queries measure recall to about
+# +-0.005, and other queries of the same kind must get the target too.
+TUNING_MARGIN = 0.005
+
+
 # Stored vectors held out for the check when the collection has too few recent queries.
 RECALL_SAMPLE = 200
 
@@ -213,13 +218,13 @@ def _build_tuned(index: Index, snap: Snapshot, queries: np.ndarray | None) -> di
 
 
 def _tune_ef(index: Index, check: RecallCheck, unit: np.ndarray, labels: np.ndarray) -> float:
-    """Raise ``index.ef`` through ``EF_STEPS`` until ``check`` reaches the target; the
-    recall there (rounded), or at the widest ef when none does."""
+    """Raise ``index.ef`` through ``EF_STEPS`` until ``check`` reaches the target (with its
+    margin); the recall there (rounded), or at the widest ef when none does."""
     recall = 0.0
     for ef in EF_STEPS:
         index.ef = ef
         recall = check.recall(index, unit, labels)
-        if recall >= RECALL_TARGET:
+        if recall >= RECALL_TARGET + TUNING_MARGIN:
             break
     return round(recall, 4)
 

@@ -35,7 +35,7 @@ from embedq.settings import Settings
 from embedq.store.base import Item, Store, now_version
 from embedq.web.bodies import JsonInt
 from embedq.web.errors import ApiError, documented
-from embedq.web.keys import Authorized
+from embedq.web.keys import Authorized, job_of
 
 # Items (documents, or their chunks) per ingest_documents task, as `embedq ingest` sends.
 TASK_ITEMS = 64
@@ -193,7 +193,7 @@ async def upsert_documents(
         )
     tasks, model = await run_in_threadpool(_prepare, service, collection, docs, body)
     version = now_version()  # one request, one version: its items are written as one
-    job = f"api:{who.id}"
+    job = job_of(who.id)
     waits = [
         _run(service, (collection, batch, parents, model, version), job) for batch, parents in tasks
     ]
