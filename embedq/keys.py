@@ -115,3 +115,12 @@ def bell_key(queue: str) -> str:
 def own_bell_key(channel_id: str) -> str:
     """A worker channel's own bell, rung when it finishes a bulk task (expires)."""
     return f"{BELL_PREFIX}:own:{channel_id}"
+
+
+# Each collection's recent query vectors (a capped list), which its index build tunes on.
+QUERIES_PREFIX = f"{PREFIX}:queries"
+
+
+def query_sample_key(collection: str) -> str:
+    """The list of ``collection``'s most recent query vectors (newest first, capped, TTL)."""
+    return f"{QUERIES_PREFIX}:{collection}"

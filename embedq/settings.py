@@ -222,7 +222,14 @@ class Settings(BaseSettings):
         None, description="user:password[,user2:password2] that Flower requires."
     )
     api_keys: str | None = Field(
-        None, description="Comma-separated keys the HTTP API accepts as Bearer tokens."
+        None,
+        description="Comma-separated keys the HTTP API accepts as Bearer tokens: 'key' (every "
+        "collection) or 'key:pattern|pattern' (only collections matching those globs).",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of API keys, one entry a line (EMBEDQ_API_KEYS' syntax, '#' "
+        "comment lines), re-read within a second of a change, no restart needed.",
     )
     api_rate_limit_per_min: int = Field(600, description="Requests per minute per API key.")
     api_max_texts: int = Field(2048, description="Texts in one HTTP request, at most.")

@@ -7,11 +7,13 @@ import uuid
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 
 from embedq.errors import ConfigurationError
 from embedq.search import build as indexes
+from embedq.search.base import normalize
 from embedq.search.build import blob_name, build_index, rebuild_changed
-from embedq.search.exact import exact_top_k, recall_at_k
+from embedq.search.exact import exact_top_k, recall_check
 from embedq.search.factory import create_index
 from embedq.search.hnsw import HNSWIndex
 from embedq.search.loader import IndexCache
@@ -47,13 +49,13 @@ def _searcher(store, tmp_path, name="host-a") -> Searcher:
 def test_hnsw_recall_against_exact_search():
     vectors = _clustered(5000, 0)
     labels = np.arange(5000, dtype=np.int64) * 7
-    index = HNSWIndex(DIM)
+    index = HNSWIndex(DIM, ef=16)
     index.build(labels, vectors)
-    # Probe queries lie between the stored vectors: the default breadth finds less of them.
-    narrow = recall_at_k(index, vectors, labels, sample=300)
+    # New queries around the same centres, never stored: a narrow search finds fewer.
+    check = recall_check(normalize(vectors), labels, _clustered(300, 5))
+    narrow = check.recall(index, normalize(vectors), labels)
     index.ef = 256
-    assert narrow < recall_at_k(index, vectors, labels, sample=300)
-    assert recall_at_k(index, vectors, labels, sample=300) >= 0.98
+    assert narrow < check.recall(index, normalize(vectors), labels) >= 0.98
     found, sims = index.query(vectors[:1], 1)
     assert found[0, 0] == 0 and sims[0, 0] == pytest.approx(1.0, abs=1e-5)
 
@@ -70,7 +72,8 @@ def test_exact_index_is_a_backend_that_saves_loads_and_matches_exact_search(tmp_
     truth, truth_sims = exact_top_k(vectors[:5], vectors, labels, 10)
     assert len(loaded) == 500 and (found == truth).all()
     assert np.allclose(sims, truth_sims, atol=1e-5)
-    assert recall_at_k(loaded, vectors, labels, sample=50) == 1.0
+    check = recall_check(normalize(vectors), labels, _clustered(50, 13))
+    assert check.recall(loaded, normalize(vectors), labels) == 1.0
     with pytest.raises(ConfigurationError, match="hnsw, exact"):
         create_index("annoy", DIM)
 
@@ -121,6 +124,32 @@ def test_where_filter_and_parents(store, tmp_path):
     store.upsert(items_of(collection, vectors))
     hits = _searcher(store, tmp_path).search(vectors[0], collection, k=5, where={"group": 1})
     assert len(hits) == 5 and all(h.metadata["group"] == 1 for h in hits)
+
+
+def test_a_narrow_filter_runs_once_however_deep_the_search_looks(db_url, tmp_path):
+    store = create_store(db_url)
+    collection = f"c-{uuid.uuid4().hex[:8]}"
+    vectors = _clustered(600, 3)
+    store.upsert(items_of(collection, vectors))
+    build_index(store, collection, tmp_path / "b")
+    filtering: list[str] = []
+
+    def seen(_conn, _cursor, sql: str, *_: object) -> None:
+        # The filter is the only condition on metadata a search's statements hold.
+        if "METADATA" in sql.upper().partition("WHERE")[2]:
+            filtering.append(sql)
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        # 200 match: searched exactly among the keys the filter found, read back in pages.
+        hits = _searcher(store, tmp_path).search(
+            vectors[0], collection, k=150, where={"group": 1}, parents=True
+        )
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+        store.close()
+    assert len(hits) == 150 and all(h.metadata["group"] == 1 for h in hits)
+    assert len(filtering) == 1, filtering
 
 
 def test_rebuild_skips_unchanged_collections(store, tmp_path):

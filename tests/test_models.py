@@ -190,6 +190,33 @@ def test_the_api_selects_by_model_and_lists_every_model(two_models, raw_l3):
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "UnknownModelError"
 
 
+def test_usage_tokens_are_counted_by_the_tokenizer_of_the_model_named(two_models, second_model_dir):
+    from embedq.api import create_app
+    from embedq.encode.models import base_model_id, tokenizer_name
+    from embedq.ops.registry import listed_models
+    from embedq.producer.router import router
+
+    served = [
+        m
+        for beats in router.heartbeats(fresh=True).values()
+        for b in beats
+        for m in listed_models(b)
+    ]
+    l3_id = next(str(m["model_id"]) for m in served if m["name"] == L3)
+    settings = get_settings().model_copy(
+        update={"models": f"all-MiniLM-L6-v2,{L3}={second_model_dir}"}
+    )
+    # By its id (with or without the backend suffix) or its alias: the model's own tokenizer.
+    for named in (l3_id, base_model_id(l3_id), L3):
+        assert tokenizer_name(named, settings, served) == L3, named
+    assert tokenizer_name("nope", settings, served) == tokenizer_name(None, settings, served)
+    assert tokenizer_name(None, settings, served) == "all-MiniLM-L6-v2"
+    client = TestClient(create_app(settings.model_copy(update={"api_keys": "k"})))
+    body = {"input": ["one two three"], "model": l3_id}
+    reply = client.post("/v1/embeddings", json=body, headers={"Authorization": "Bearer k"})
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 5, reply.text
+
+
 def test_the_router_sends_a_model_only_where_it_is_served():
     from embedq.producer.router import serving_queues, task_model
 

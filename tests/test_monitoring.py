@@ -149,7 +149,7 @@ def test_promtool_passes_the_shipped_config_as_compose_sets_it_up(tmp_path):
     line = line.replace("/bin/prometheus --config.file=", f"{PROMTOOL} check config ")
     line = line.split(" --storage.tsdb.path")[0].replace("/prometheus/", "@TMP@/")
     line = line.replace("@DEPLOY@", str(PROMETHEUS_CONFIG.parent)).replace("@TMP@", str(tmp_path))
-    environ = {"PATH": os.environ["PATH"], "EMBEDQ_API_KEYS": " first-key , second-key"}
+    environ = {"PATH": os.environ["PATH"], "EMBEDQ_API_KEYS": " first-key:ops-* , second-key"}
     out = subprocess.run(
         ["sh", "-c", line], env=environ, capture_output=True, text=True, timeout=60
     )

@@ -61,6 +61,23 @@ def serves(models: Iterable[dict[str, Any]], requested: str) -> bool:
     return any(model_matches(requested, str(m.get("name")), str(m.get("model_id"))) for m in models)
 
 
+def tokenizer_name(
+    requested: str | None, settings: Settings, served: Iterable[dict[str, Any]] = ()
+) -> str:
+    """The model whose tokenizer counts (or cuts) the texts of a request naming
+    ``requested``: a configured name or alias as is; a model id (or another name) through
+    the live workers' models it matches (``served``, heartbeat entries); else the default."""
+    if requested is None:
+        return settings.model
+    if requested in {name for name, _ in split_models(settings.models)} | {settings.model}:
+        return requested
+    for model in served:
+        name, model_id = str(model.get("name")), str(model.get("model_id"))
+        if model_matches(requested, name, model_id):
+            return name
+    return settings.model
+
+
 def _alias_source(name: str) -> str:
     """The directory an ``EMBEDQ_MODELS`` alias stands for (``name`` itself if none)."""
     for alias, source in split_models(get_settings().models):

@@ -33,7 +33,7 @@ from embedq.ops.registry import listed_models, read_depths
 from embedq.ops.slo import evaluate, read_usage
 from embedq.search.build import blob_name
 from embedq.settings import QUEUES, Settings
-from embedq.store.base import Store
+from embedq.store.base import CollectionState, Store
 
 # An index more than two rebuild intervals (and at least this many seconds) behind its
 # collection's last write is reported as stale.
@@ -116,25 +116,31 @@ def read_stranded(client: redis.Redis, workers: dict[str, list[dict[str, Any]]])
 
 def read_indexes(store: Store, settings: Settings) -> list[dict[str, Any]]:
     """Per collection: items, last write, the published index and how far behind it is."""
-    out = []
-    for state in store.states():
-        published = store.blob_version(blob_name(state.collection))
-        meta = published[1] if published else {}
-        built = datetime.fromisoformat(meta["built_at"]) if meta.get("built_at") else None
-        lag = (state.updated_at - built).total_seconds() if built and state.updated_at else None
-        out.append(
-            {
-                "collection": state.collection,
-                "items": state.count,
-                "last_write": state.updated_at.isoformat() if state.updated_at else None,
-                "index_version": published[0] if published else None,
-                "index_items": meta.get("count"),
-                "index_built_at": meta.get("built_at"),
-                "fresh": meta.get("state") == state.token,
-                "behind_s": round(max(lag, 0.0), 1) if lag is not None else None,
-            }
-        )
-    return out
+    return [index_state(store, state) for state in store.states()]
+
+
+def index_state(store: Store, state: CollectionState) -> dict[str, Any]:
+    """One collection's items, last write, its published index (version, items, when
+    built, the ``ef`` its build chose, the recall@10 it measured and on what) and how far
+    behind the collection it is."""
+    published = store.blob_version(blob_name(state.collection))
+    meta = published[1] if published else {}
+    built = datetime.fromisoformat(meta["built_at"]) if meta.get("built_at") else None
+    lag = (state.updated_at - built).total_seconds() if built and state.updated_at else None
+    return {
+        "collection": state.collection,
+        "items": state.count,
+        "last_write": state.updated_at.isoformat() if state.updated_at else None,
+        "index_version": published[0] if published else None,
+        "index_items": meta.get("count"),
+        "index_built_at": meta.get("built_at"),
+        "fresh": meta.get("state") == state.token,
+        "behind_s": round(max(lag, 0.0), 1) if lag is not None else None,
+        "ef": meta.get("ef"),
+        "recall_at_10": meta.get("recall_at_10"),
+        "tuned_on": meta.get("tuned_on"),
+        "tuned_queries": meta.get("tuned_queries"),
+    }
 
 
 def read_redis(client: redis.Redis) -> dict[str, Any]:
@@ -346,6 +352,16 @@ def memory_alerts(memory: dict[str, Any]) -> list[str]:
     return []
 
 
+def _tuning(index: dict[str, Any]) -> str:
+    """The ef the index's build chose and the recall@10 it measured, and on what."""
+    if not index.get("ef"):
+        return ""
+    on = {"queries": "recent queries", "held_out": "stored items held out"}
+    what = on.get(index.get("tuned_on") or "", "probe queries")
+    count = f"{index['tuned_queries']} " if index.get("tuned_queries") else ""
+    return f", ef {index['ef']} (recall@10 {index['recall_at_10']} on {count}{what})"
+
+
 def render(report: Report) -> str:
     """The report as text for a terminal."""
     lines = render_servers(report.servers)
@@ -360,7 +376,7 @@ def render(report: Report) -> str:
                 state = "no index"
             else:
                 behind = "fresh" if index["fresh"] else f"behind {index['behind_s']} s"
-                state = f"index v{index['index_version']}, {behind}"
+                state = f"index v{index['index_version']}, {behind}{_tuning(index)}"
             lines.append(f"  {index['collection']}: {index['items']} items, {state}")
     else:
         lines.append("indexes: unknown (the store does not answer)")

@@ -109,7 +109,7 @@ def _payloads(
     ]
 
 
-def _tasks(
+def batches(
     records: Iterable[Any],
     summary: IngestSummary,
     chunk_size: int,
@@ -117,6 +117,10 @@ def _tasks(
     overlap: int,
     model: str | None = None,
 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, int], int]]:
+    """The ``ingest_documents`` tasks ``records`` make: (payloads of about ``chunk_size``
+    items, chunk counts per chunked document, documents), a document's chunks in one task.
+    Records that cannot be stored are counted in ``summary`` and left out. ``model`` names
+    the tokenizer chunks are cut with (default: the default model's)."""
     # Chunks are cut with the tokenizer of the model that will embed them.
     model = model or get_settings().model
     batch: list[dict[str, Any]] = []
@@ -190,7 +194,7 @@ def ingest(
     options: dict[str, Any] = {"queue": queue} if queue else {}
     options |= {"job": new_job()} | ({"traffic": traffic} if traffic else {})
     try:
-        tasks = _tasks(records, summary, chunk_size, chunk_tokens, overlap, model)
+        tasks = batches(records, summary, chunk_size, chunk_tokens, overlap, model)
         _send_all(tasks, inflight, max_in_flight, (collection, model), options)
     except KeyboardInterrupt:
         summary.interrupted = True

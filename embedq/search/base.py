@@ -21,6 +21,10 @@ class Index(ABC):
         """Index ``vectors`` under ``labels`` (replacing anything indexed before)."""
 
     @abstractmethod
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Index ``vectors`` under ``labels`` too (labels not indexed yet)."""
+
+    @abstractmethod
     def query(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels, cosine similarities) of the ``k`` nearest, each of shape (queries, k')."""
 

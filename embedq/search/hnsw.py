@@ -37,6 +37,12 @@ class HNSWIndex(Index):
         if len(labels):
             self._index.add_items(vectors, labels, num_threads=os.cpu_count() or 1)
 
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Grow the graph by ``vectors`` (as if they had been in the build)."""
+        if len(labels):
+            self._index.resize_index(len(self) + len(labels))
+            self._index.add_items(vectors, labels, num_threads=os.cpu_count() or 1)
+
     def query(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest ``k`` (fewer when the index holds fewer); similarity = 1 - distance."""
         k = min(k, len(self))

@@ -27,6 +27,8 @@ class BuildLock:
     def __init__(self, client: redis.Redis, collection: str, ttl_s: float = LOCK_TTL_S) -> None:
         self.collection = collection
         self.ttl_s = ttl_s
+        #: The Redis the lock lives in (the build reads the collection's query sample there).
+        self.client = client
         # thread_local=False: the renewal thread must see the token the builder acquired.
         self._lock = client.lock(
             index_build_lock_key(collection), timeout=ttl_s, thread_local=False

@@ -22,12 +22,14 @@ from typing import Any
 import numpy as np
 from cachetools import LRUCache
 
+from embedq.broker.client import shared_client
 from embedq.broker.results import get_and_forget
 from embedq.errors import InvalidInputError
 from embedq.inputs import parse_collection
 from embedq.search.base import normalize
 from embedq.search.exact import exact_top_k
 from embedq.search.loader import DELTA_MARGIN, IndexCache, LoadedIndex
+from embedq.search.queries import remember
 from embedq.settings import Settings, get_settings
 from embedq.store.base import Item, Store
 from embedq.store.factory import create_store
@@ -324,7 +326,8 @@ def search(
     parents: bool = False,
 ) -> list[Hit]:
     """Items of ``collection`` nearest to ``text``; ``where`` filters on metadata (see
-    :mod:`embedq.store.filters`; checked before the query is embedded).
+    :mod:`embedq.store.filters`; checked before the query is embedded). The query's vector
+    joins the collection's sample of recent queries (:mod:`embedq.search.queries`).
 
     With ``parents=True``, chunks of one document count once (best chunk), so each hit
     stands for a whole document (``parent_id``).
@@ -339,6 +342,8 @@ def search(
     if model is None and not searcher.store.count(collection):
         return []  # nothing was ever stored there: no hits, and no query to embed
     query = embed_query(text, model=model)
+    # Its index build tunes on queries like this one (embedq.search.queries).
+    remember(shared_client(), collection, query)
     return searcher.search(query, collection, k, parsed, parents)
 
 

@@ -104,6 +104,11 @@ class ItemStore(ABC):
         """The stored items among ``ids`` (absent ids are left out)."""
 
     @abstractmethod
+    def chunks(self, collection: str, parent_id: str) -> list[Item]:
+        """The chunks of the document ``parent_id`` (items stored with that ``parent_id``),
+        by chunk index."""
+
+    @abstractmethod
     def count(self, collection: str) -> int:
         """Items in ``collection``."""
 

@@ -291,6 +291,15 @@ class SQLStore(Store):
         with Session(self.engine) as session:
             return [_item(row) for row in session.scalars(query)]
 
+    @_store_errors("read chunks")
+    def chunks(self, collection: str, parent_id: str) -> list[Item]:
+        """The chunks of document ``parent_id``, in order."""
+        query = select(ItemRow).where(
+            ItemRow.collection == collection, ItemRow.parent_id == parent_id
+        )
+        with Session(self.engine) as session:
+            return [_item(row) for row in session.scalars(query.order_by(ItemRow.chunk_index))]
+
     @_store_errors("count items")
     def count(self, collection: str) -> int:
         """Items in ``collection``."""

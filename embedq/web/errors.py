@@ -5,6 +5,7 @@ OpenAPI description of those responses (so the schema says what the API does).""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from embedq.errors import (
     BrokerUnavailableError,
@@ -70,7 +72,8 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
 MEANING = {
     400: "The body is not UTF-8 encoded JSON.",
     401: "Missing or wrong API key (Authorization: Bearer <key>).",
-    404: "The model is not served by any live worker.",
+    404: "No such collection (or one outside the key's scope: the same answer), no such "
+    "document, or a model no live worker serves.",
     408: "The body did not arrive within EMBEDQ_API_BODY_TIMEOUT_S.",
     409: "The collection is bound to another model.",
     413: "Over a limit: body size, texts per request or characters per text (named).",
@@ -110,6 +113,23 @@ def _public(exc: Exception) -> str:
     return str(exc)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this path (Starlette's 405 names only the first
+    route's, and a path such as a document's has one route per method)."""
+    methods: set[str] = set()
+    for route in _leaves(request.app.router.routes):
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
+def _leaves(routes: Iterable[Any]) -> Iterator[Any]:
+    """The routes themselves, through the routers included without a prefix."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from _leaves(inner.routes) if inner is not None else (route,)
+
+
 def install_errors(api: FastAPI) -> None:
     """Render every error the routes raise as :func:`error_response`; an unknown one is a
     500 in the same shape (none is known to happen)."""
@@ -126,11 +146,14 @@ def install_errors(api: FastAPI) -> None:
         return error_response(422, message, "InvalidInputError")
 
     @api.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail)
         if exc.status_code == 400:  # FastAPI could not even decode the body
             message = "the request body could not be parsed: send UTF-8 encoded JSON"
-        return error_response(exc.status_code, message, "HTTPError", exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = (headers or {}) | {"Allow": ", ".join(allowed_methods(request))}
+        return error_response(exc.status_code, message, "HTTPError", headers)
 
     async def known(_: Request, exc: Exception) -> JSONResponse:
         status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))
